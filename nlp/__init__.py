@@ -1,0 +1,1 @@
+"""NLP adapter: T5 / causal-LM task arithmetic (transformers)."""

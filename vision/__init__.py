@@ -1,0 +1,1 @@
+"""Vision adapter: CLIP ViT task arithmetic (open_clip)."""
