@@ -1,0 +1,243 @@
+"""TaLoS mask calibration: iterative rounds of Fisher scoring that keep the least sensitive weights trainable.
+
+Algorithm (paper-notes §1.2). With target density d = 1 - sparsity and R rounds, round r = 1..R:
+
+1. score every eligible entry with the current network (``fisher_scores``); entries dropped in earlier rounds
+   are *soft-masked*: their weights are multiplied by ``soft_mask`` (0.1) in this round's forward passes, which
+   avoids the layer collapse that hard pruning causes while still letting the network adapt to their loss;
+2. among the entries still kept, keep the ``floor(d**(r/R) * N)`` LOWEST scores globally over all eligible
+   tensors (N = number of eligible entries); masks only shrink.
+
+The soft mask is applied with ``torch.nn.utils.parametrize`` and removed afterwards, so the model's weights
+are bitwise unchanged. The returned masks are True where the entry is trainable.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .fisher import ForwardFn, _build_plan, _chunk_default, _Plan, _score_batches, _scoring_mode, _validate
+from .fisher import _Workspace, resolve_params
+
+logger = logging.getLogger("talos")
+
+RoundCallback = Callable[[int, float, Mapping[str, Tensor]], None]
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Validate a sparsity level: a float in [0, 1). Returns it as float."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= s < 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+def round_densities(sparsity: float, rounds: int) -> list[float]:
+    """Density kept after each round: (1 - sparsity) ** (r / rounds), r = 1..rounds."""
+    d = 1.0 - check_sparsity(sparsity)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    return [d ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def kept_count(density: float, total: int) -> int:
+    """floor(density * total), robust to float error (0.1 * 1000 must give 100, not 99)."""
+    return max(0, min(total, int(math.floor(density * total + 1e-6))))
+
+
+class _SoftMask(nn.Module):
+    """Parametrization w -> w * scale, scale = 1 where kept and ``soft_mask`` where dropped."""
+
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.scale
+
+
+@contextmanager
+def soft_masked(plan_or_model: Any, masks: Mapping[str, Tensor], factor: float) -> Iterator[None]:
+    """Within the block, entries where ``masks`` is False are multiplied by ``factor`` in every forward.
+
+    ``plan_or_model`` is an ``nn.Module`` (names resolved with ``named_parameters``) or an internal plan.
+    Tensors whose mask is all True are left alone. Parametrizations are removed on exit, restoring the
+    original parameter objects (no weight is ever written).
+    """
+    if isinstance(plan_or_model, nn.Module):
+        names = list(masks)
+        targets = _build_plan(plan_or_model, names, _Workspace(1)).targets
+    else:
+        targets = plan_or_model.targets
+    done: list[tuple[nn.Module, str]] = []
+    order = {}  # removing a parametrization re-registers the parameter last; restore the original order
+    try:
+        for name, keep in masks.items():
+            if bool(keep.all()):
+                continue
+            t = targets[name]
+            w = t.module._parameters[t.attr]
+            scale = torch.where(keep.to(w.device), 1.0, float(factor)).to(w.dtype)
+            order.setdefault(id(t.module), (t.module, list(t.module._parameters)))
+            parametrize.register_parametrization(t.module, t.attr, _SoftMask(scale), unsafe=True)
+            done.append((t.module, t.attr))
+        yield
+    finally:
+        for mod, attr in reversed(done):
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+        for mod, keys in order.values():
+            params = mod._parameters
+            mod._parameters = type(params)((k, params[k]) for k in keys)
+
+
+def _global_keep(
+    scores: Mapping[str, Tensor], keep: Mapping[str, Tensor], k: int, names: list[str]
+) -> dict[str, Tensor]:
+    """Keep the k lowest scores among currently kept entries; ties go to the earlier (name order, index)."""
+    dev = scores[names[0]].device
+    flat = torch.cat(
+        [torch.where(keep[n].to(dev), scores[n].to(dev), float("inf")).flatten() for n in names]
+    )  # (N,) float32, dropped entries at +inf so they are never re-selected
+    if torch.isnan(flat).any():
+        raise RuntimeError("Fisher scores contain NaN; check the model and calibration data")
+    new = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        thr = torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, k).values.to(dev)
+        new = flat < thr
+        need = k - int(new.sum())
+        if need > 0:  # deterministic tie-break: the first `need` entries equal to the threshold
+            ties = (flat == thr).nonzero().squeeze(1)[:need]
+            new[ties] = True
+    out, start = {}, 0
+    for n in names:
+        numel = keep[n].numel()
+        out[n] = new[start : start + numel].view(keep[n].shape)
+        start += numel
+    return out
+
+
+def mask_report(masks: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+    """Per-tensor kept counts: ``[{"name", "kept", "total", "density"}]`` in mask order."""
+    rows = []
+    for n, m in masks.items():
+        kept, total = int(m.sum()), m.numel()
+        rows.append({"name": n, "kept": kept, "total": total, "density": kept / max(1, total)})
+    return rows
+
+
+def mask_density(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of True entries over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / max(1, total)
+
+
+def format_mask_report(masks: Mapping[str, Tensor]) -> str:
+    """A fixed-width text table of :func:`mask_report` plus the overall density."""
+    rows = mask_report(masks)
+    width = max([len(r["name"]) for r in rows] + [4])
+    lines = [f"{'name':<{width}}  {'kept':>10}  {'total':>10}  density"]
+    lines += [f"{r['name']:<{width}}  {r['kept']:>10}  {r['total']:>10}  {r['density']:.4f}" for r in rows]
+    lines.append(f"{'overall':<{width}}  {'':>10}  {'':>10}  {mask_density(masks):.4f}")
+    return "\n".join(lines)
+
+
+def calibrate_masks(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward_fn: ForwardFn,
+    *,
+    sparsity: float = 0.9,
+    rounds: int = 4,
+    soft_mask: float = 0.1,
+    params: Iterable[str] | None = None,
+    target: str = "logit",
+    draws: int = 1,
+    max_batches: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    callback: RoundCallback | None = None,
+    chunk_elements: int | None = None,
+) -> dict[str, Tensor]:
+    """Calibrate TaLoS masks: ``{name: BoolTensor}`` (on CPU), True = trainable (low sensitivity).
+
+    Args:
+        model: the pre-trained model; left bitwise unchanged.
+        batches: a RE-ITERABLE collection of batches (list, DataLoader): every round scores all of it.
+        forward_fn: ``forward_fn(model, batch) -> Tensor[B, C]`` per-example class scores.
+        sparsity: fraction of eligible entries frozen at the end, in [0, 1) (0.9 keeps 10% trainable).
+        rounds: calibration rounds R; round r keeps density (1 - sparsity) ** (r / R).
+        soft_mask: factor multiplying dropped weights during later rounds' forward passes (0 = hard pruning).
+        params: eligible parameter names (default: every parameter that requires grad).
+        target, draws, generator, chunk_elements: as in :func:`talos.fisher_scores`.
+        max_batches: score at most this many batches per round (default: all).
+        progress: show a progress bar per round.
+        callback: ``callback(round, density, masks)`` after each round (e.g. for wandb logging).
+    """
+    densities = round_densities(sparsity, rounds)
+    soft_mask = float(soft_mask)
+    if not (0.0 <= soft_mask <= 1.0):
+        raise ValueError(f"soft_mask must be in [0, 1], got {soft_mask}")
+    _validate(target, draws)
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be positive, got {max_batches}")
+    names = resolve_params(model, params)
+    ws = _Workspace(_chunk_default(model, chunk_elements))
+    plan: _Plan = _build_plan(model, names, ws)  # resolved before any parametrization renames parameters
+    named = dict(model.named_parameters())
+    leaves = [plan.targets[n].leaf() for n in names]
+    total = sum(named[n].numel() for n in names)
+    keep = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
+
+    for r, d_r in enumerate(densities, start=1):
+        k = kept_count(d_r, total)
+        data = batches if max_batches is None else itertools.islice(batches, max_batches)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            n_bar = max_batches
+            if n_bar is None and hasattr(batches, "__len__"):
+                n_bar = len(batches)  # type: ignore[arg-type]
+            bar = tqdm(total=n_bar, desc=f"calibration round {r}/{rounds}", leave=False)
+        try:
+            with soft_masked(plan, keep, soft_mask), _scoring_mode(model, leaves):
+                scores, n_batches = _score_batches(
+                    model, plan, data, forward_fn, target, draws, generator, ws, progress=bar
+                )
+        finally:
+            if bar is not None:
+                bar.close()
+        if n_batches == 0:
+            raise ValueError(
+                f"calibration round {r} received no batches: pass a re-iterable collection (list, DataLoader), "
+                "not a one-shot iterator"
+            )
+        keep = _global_keep(scores, keep, k, names)
+        logger.info("calibration round %d/%d: density %.4f (%d / %d entries kept)", r, rounds, d_r, k, total)
+        if callback is not None:
+            callback(r, d_r, keep)
+    masks = {n: m.cpu() for n, m in keep.items()}
+    logger.info("TaLoS masks per tensor:\n%s", format_mask_report(masks))
+    return masks
+
+
+__all__ = [
+    "calibrate_masks",
+    "check_sparsity",
+    "format_mask_report",
+    "kept_count",
+    "mask_density",
+    "mask_report",
+    "round_densities",
+    "soft_masked",
+]

@@ -1,0 +1,684 @@
+"""Diagonal-Fisher sensitivity scores: exact per-example squared gradients, computed in one backward pass.
+
+TaLoS ranks every eligible weight by ``sum_i (d s_i / d theta_j)^2`` where ``s_i`` is one scalar per example
+(the logit, or log-probability, of a label drawn from the model's own softmax). The official code does one
+batched forward and then one ``backward(retain_graph=True)`` per example, which walks the whole batch graph B
+times. Here we use the structure of the layers instead:
+
+* one batched forward with hooks that keep each eligible layer's input ``a`` and output tensor;
+* one ``torch.autograd.grad(sum_i s_i, layer_outputs)``. Because examples do not interact (no batch norm),
+  row ``i`` of each output gradient is exactly ``d s_i / d output_i``. Weight gradients are never formed:
+  autograd only walks the paths to the requested outputs;
+* per-example weight gradients are rebuilt from ``(a_i, g_i)`` layer by layer (``g_i^T a_i`` for a linear
+  layer) in chunks of examples, squared and summed. Same FLOPs as the weight-gradient part of one backward.
+
+Layers without a rule (a parameter used directly in a parent's ``forward``, a module called twice, a tied
+weight, an in-place-modified output) fall back to an exact per-example backward loop for just those
+parameters; never to an approximation. Rules for more module types are added with
+:func:`register_per_example_rule` (the nlp adapter registers T5's RMS layer norm this way).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger("talos")
+
+ForwardFn = Callable[[nn.Module, Any], Tensor]
+#: rule(module, inputs, grad_output) -> {local parameter name: sum over examples of squared per-example grads}.
+#: ``inputs`` and ``grad_output`` have the batch on dim 0. Rules see detached tensors.
+PerExampleRule = Callable[[nn.Module, Sequence[Any], Tensor], dict[str, Tensor]]
+
+TARGETS = ("logit", "log_prob")
+
+#: Upper bound on the float32 elements of one block of per-example gradients ([chunk, out, in]), by device
+#: type. CPU prefers cache-sized blocks (8 MiB); GPUs prefer large ones (128 MiB). A layer whose single
+#: per-example gradient is larger than the bound still takes one example at a time.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**25}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-example rules. Each returns the SUM over the batch of squared per-example gradients.
+# ----------------------------------------------------------------------------------------------------------
+class _Workspace:
+    """One reusable float32 buffer per device for per-example gradient blocks.
+
+    Fresh multi-megabyte temporaries per layer cost more than the matmuls that fill them on CPU (page faults),
+    so blocks of per-example gradients are written into this buffer instead.
+    """
+
+    def __init__(self, chunk_elements: int) -> None:
+        self.chunk_elements = chunk_elements
+        self._bufs: dict[torch.device, Tensor] = {}
+
+    def get(self, numel: int, device: torch.device) -> Tensor:
+        buf = self._bufs.get(device)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            self._bufs[device] = buf
+        return buf
+
+
+def _sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
+    """sum_i (g_i^T a_i)^2 for g [B, T, O], a [B, T, I] -> [O, I] (float32)."""
+    B, T, O = g.shape
+    I = a.shape[-1]
+    g, a = g.float(), a.float()
+    if T == 1:
+        # a single position per example: (g_i a_i^T)^2 = g_i^2 (a_i^2)^T, so the sum is one matmul.
+        return g[:, 0].square().T @ a[:, 0].square()
+    out = torch.zeros(O, I, dtype=torch.float32, device=g.device)
+    step = max(1, min(B, ws.chunk_elements // max(1, O * I)))
+    buf = ws.get(step * O * I, g.device)
+    gt = g.transpose(1, 2)  # (B, O, T)
+    for s in range(0, B, step):  # loop over chunks of examples (the memory knob), not over examples
+        n = min(step, B - s)
+        pe = torch.bmm(gt[s : s + n], a[s : s + n], out=buf[: n * O * I].view(n, O, I))  # per-example grads
+        out += pe.square_().sum(0)
+    return out
+
+
+def _as_btd(t: Tensor) -> Tensor:
+    """[B, ..., D] -> [B, T, D] (T = product of the middle dims, 1 if none)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _linear_rule(ws: _Workspace) -> PerExampleRule:
+    def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
+        a, g3 = _as_btd(inputs[0]), _as_btd(g)
+        # the bias entry is cheap, so always computed: MHA in-projection slices have no `bias` attribute
+        return {"weight": _sq_outer_sum(g3, a, ws), "bias": g3.float().sum(1).square().sum(0)}
+
+    return rule
+
+
+def _conv2d_rule(ws: _Workspace) -> PerExampleRule:
+    def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
+        x = inputs[0]
+        # unfold: (B, Cin*kh*kw, L) patches, L = Ho*Wo, so the conv is a linear map per patch position.
+        a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        a = a.transpose(1, 2)  # (B, L, Cin*kh*kw)
+        g3 = g.flatten(2).transpose(1, 2)  # (B, L, Cout)
+        out = {"weight": _sq_outer_sum(g3, a, ws).view_as(m.weight)}
+        if m.bias is not None:
+            out["bias"] = g3.float().sum(1).square().sum(0)
+        return out
+
+    return rule
+
+
+def _norm_rule(normalize: Callable[[nn.Module, Tensor], Tensor]) -> PerExampleRule:
+    """Rule for y = normalize(x) * weight (+ bias) with elementwise affine over the trailing dims."""
+
+    def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
+        w = m.weight
+        xhat = normalize(m, inputs[0].float())
+        g = g.float()
+        nd = w.dim()
+        red = tuple(range(1, g.dim() - nd))  # token dims between batch and normalised dims
+        out = {"weight": (g * xhat).sum(red).square().sum(0) if red else (g * xhat).square().sum(0)}
+        if getattr(m, "bias", None) is not None:
+            out["bias"] = (g.sum(red) if red else g).square().sum(0)
+        return out
+
+    return rule
+
+
+def _layer_norm_hat(m: nn.Module, x: Tensor) -> Tensor:
+    return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+
+def _rms_norm_hat(m: nn.Module, x: Tensor) -> Tensor:
+    return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+
+def _embedding_rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
+    idx = inputs[0].reshape(inputs[0].shape[0], -1)  # (B, T) token ids
+    B, T = idx.shape
+    D = m.weight.shape[1]
+    V = m.weight.shape[0]
+    g = g.reshape(B, T, D).float()
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    if m.padding_idx is not None:
+        keep = idx != m.padding_idx  # the padding row never receives gradient
+    ex = torch.arange(B, device=idx.device).unsqueeze(1).expand(B, T)
+    key = (ex * V + idx)[keep]  # one key per (example, token id): per-example gradient rows
+    uniq, inv = torch.unique(key, return_inverse=True)
+    rows = torch.zeros(uniq.numel(), D, dtype=torch.float32, device=g.device)
+    rows.index_add_(0, inv, g[keep])
+    out = torch.zeros(V, D, dtype=torch.float32, device=g.device)
+    out.index_add_(0, uniq % V, rows.square_())
+    return {"weight": out}
+
+
+@dataclass
+class _RuleSpec:
+    factory: Callable[["_Workspace"], PerExampleRule]
+    accepts: Callable[[nn.Module], bool] = lambda m: True
+
+
+_RULES: dict[type, _RuleSpec] = {}
+
+
+def register_per_example_rule(
+    module_type: type,
+    rule: PerExampleRule | None = None,
+    *,
+    factory: Callable[[_Workspace], PerExampleRule] | None = None,
+    accepts: Callable[[nn.Module], bool] | None = None,
+) -> None:
+    """Teach :func:`fisher_scores` the per-example gradients of ``module_type``'s own parameters.
+
+    ``rule(module, inputs, grad_output)`` receives the module's forward inputs and the gradient of its (single
+    tensor) output, batch first, and returns ``{param attr: sum_i (d s_i / d param)^2}``. ``factory(workspace)``
+    may be given instead to build a rule that shares the per-call workspace (see ``_sq_outer_sum``). ``accepts(module)`` can refuse
+    instances the rule does not cover (they then use the exact fallback).
+    """
+    if (rule is None) == (factory is None):
+        raise ValueError("give exactly one of rule= or factory=")
+    fac = factory if factory is not None else (lambda _ws, r=rule: r)
+    _RULES[module_type] = _RuleSpec(fac, accepts or (lambda m: True))
+
+
+register_per_example_rule(nn.Linear, factory=_linear_rule)
+register_per_example_rule(
+    nn.Conv2d,
+    factory=_conv2d_rule,
+    accepts=lambda m: m.groups == 1 and not isinstance(m.padding, str) and m.padding_mode == "zeros",
+)
+register_per_example_rule(
+    nn.LayerNorm, _norm_rule(_layer_norm_hat), accepts=lambda m: m.elementwise_affine
+)
+if hasattr(nn, "RMSNorm"):
+    register_per_example_rule(
+        nn.RMSNorm,
+        _norm_rule(_rms_norm_hat),
+        accepts=lambda m: m.elementwise_affine and m.eps is not None,
+    )
+register_per_example_rule(nn.Embedding, _embedding_rule, accepts=lambda m: m.max_norm is None)
+
+
+def _find_rule(m: nn.Module, ws: _Workspace) -> PerExampleRule | None:
+    for cls in type(m).__mro__:
+        spec = _RULES.get(cls)
+        if spec is not None:
+            return spec.factory(ws) if spec.accepts(m) else None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plan: which parameters are scored, by which module, and how.
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Target:
+    name: str  # canonical parameter name (as in model.named_parameters())
+    module: nn.Module
+    attr: str
+
+    def leaf(self) -> Tensor:
+        """The tensor autograd differentiates: the original parameter even under a parametrization."""
+        par = getattr(self.module, "parametrizations", None)
+        if par is not None and self.attr in par:
+            return par[self.attr].original
+        return self.module._parameters[self.attr]
+
+
+@dataclass
+class _Plan:
+    targets: dict[str, _Target]
+    # modules scored by a rule: id(module) -> (module, rule, {attr: name})
+    ruled: dict[int, tuple[nn.Module, PerExampleRule, dict[str, str]]] = field(default_factory=dict)
+    mha: dict[int, tuple[nn.Module, dict[str, str]]] = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)  # static fallback names
+
+
+def _mha_supported(m: nn.MultiheadAttention) -> bool:
+    return m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+
+
+def resolve_params(model: nn.Module, params: Iterable[str] | None = None) -> list[str]:
+    """Names of the parameters to score: ``params`` validated, or every parameter that requires grad."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    else:
+        names = list(dict.fromkeys(params))
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ValueError(f"unknown parameter names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    bad = [n for n in names if not named[n].is_floating_point()]
+    if bad:
+        raise ValueError(f"non floating-point parameters cannot be scored: {bad}")
+    if not names:
+        raise ValueError("no parameters to score")
+    return names
+
+
+def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan:
+    owners: dict[int, list[nn.Module]] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(mod)
+    # nn.MultiheadAttention uses its out_proj weights functionally (the Linear's forward never runs), so
+    # out_proj parameters are scored by the MHA's own observable forward.
+    mha_of_out = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    attr_of = {}
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                attr_of.setdefault((id(mod), id(p)), attr)
+    named = dict(model.named_parameters())
+    plan = _Plan(targets={})
+    for n in names:
+        p = named[n]
+        mods = list({id(m): m for m in owners[id(p)]}.values())
+        mod = mods[0]
+        attr = attr_of[(id(mod), id(p))]
+        plan.targets[n] = _Target(n, mod, attr)
+        if len(mods) > 1:  # tied weight: per-example grads of both uses must be summed before squaring
+            plan.fallback.append(n)
+        elif isinstance(mod, nn.MultiheadAttention):
+            if _mha_supported(mod) and attr in ("in_proj_weight", "in_proj_bias"):
+                plan.mha.setdefault(id(mod), (mod, {}))[1][attr] = n
+            else:
+                plan.fallback.append(n)
+        elif id(mod) in mha_of_out:
+            parent = mha_of_out[id(mod)]
+            if _mha_supported(parent):
+                plan.mha.setdefault(id(parent), (parent, {}))[1]["out_proj." + attr] = n
+            else:
+                plan.fallback.append(n)
+        else:
+            rule = _find_rule(mod, ws)
+            if rule is None:
+                plan.fallback.append(n)
+            else:
+                plan.ruled.setdefault(id(mod), (mod, rule, {}))[2][attr] = n
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Capturing activations during the forward.
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Capture:
+    key: int  # id of the owning module
+    module: nn.Module
+    names: dict[str, str]  # local attr -> canonical name
+    rule: PerExampleRule
+    inputs: tuple
+    output: Tensor
+    version: int
+    rows: slice | None = None  # for MHA in-projection slices
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.captures: list[_Capture] = []
+        self.calls: dict[int, int] = {}
+        self.invalid: set[int] = set()
+
+    def add(self, cap: _Capture) -> None:
+        self.captures.append(cap)
+
+
+def _mha_forward(
+    mha: nn.MultiheadAttention,
+    names: dict[str, str],
+    rec: _Recorder,
+    ws: _Workspace,
+    original: Callable,
+) -> Callable:
+    """An exact re-implementation of ``nn.MultiheadAttention.forward`` whose projections are observable."""
+    lin_rule = _linear_rule(ws)
+    in_names = {k: v for k, v in (("weight", names.get("in_proj_weight")), ("bias", names.get("in_proj_bias"))) if v}
+    out_names = {
+        k: v for k, v in (("weight", names.get("out_proj.weight")), ("bias", names.get("out_proj.bias"))) if v
+    }
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if query.dim() != 3 or (mha.training and mha.dropout > 0):
+            rec.invalid.add(id(mha))
+            return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        rec.calls[id(mha)] = rec.calls.get(id(mha), 0) + 1
+        same = query is key and key is value
+        if not mha.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        E, H = mha.embed_dim, mha.num_heads
+        hd = E // H
+        W, b = mha.in_proj_weight, mha.in_proj_bias
+
+        def proj(x: Tensor, rows: slice) -> Tensor:
+            y = F.linear(x, W[rows], None if b is None else b[rows])
+            if in_names:
+                rec.add(_Capture(id(mha), mha, in_names, lin_rule, (x.detach(),), y, y._version, rows))
+            return y
+
+        if same:
+            q, k, v = proj(query, slice(0, 3 * E)).chunk(3, dim=-1)
+        else:
+            q, k, v = proj(query, slice(0, E)), proj(key, slice(E, 2 * E)), proj(value, slice(2 * E, 3 * E))
+        B, L, S = q.shape[0], q.shape[1], k.shape[1]
+        q = q.reshape(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
+        k = k.reshape(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+        v = v.reshape(B, S, H, hd).transpose(1, 2)
+        mask = _merge_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+        if need_weights:
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(hd)  # (B, H, L, S)
+            if mask is not None:
+                logits = logits + mask
+            attn = logits.softmax(-1)
+            o = attn @ v
+            weights = attn.mean(1) if average_attn_weights else attn
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            weights = None
+        o = o.transpose(1, 2).reshape(B, L, E)  # (B, L, E)
+        out = F.linear(o, mha.out_proj.weight, mha.out_proj.bias)
+        if out_names:
+            rec.add(_Capture(id(mha.out_proj), mha.out_proj, out_names, lin_rule, (o.detach(),), out, out._version))
+        if not mha.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    return forward
+
+
+def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype) -> Tensor | None:
+    """Turn nn.MultiheadAttention's masks (bool True = blocked, or additive floats) into one additive mask."""
+
+    def additive(m: Tensor) -> Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
+        return m.to(dtype)
+
+    out = None
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        out = m.view(B, H, L, S) if m.dim() == 3 else m.view(1, 1, L, S)
+    if key_padding_mask is not None:
+        kp = additive(key_padding_mask).view(B, 1, 1, S)
+        out = kp if out is None else out + kp
+    return out
+
+
+@contextmanager
+def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recorder]:
+    rec = _Recorder()
+    handles = []
+    patched = []
+    try:
+        for key, (mod, rule, names) in plan.ruled.items():
+
+            def hook(m, inputs, output, key=key, rule=rule, names=names):
+                rec.calls[key] = rec.calls.get(key, 0) + 1
+                if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
+                    rec.invalid.add(key)
+                    return
+                ins = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
+                rec.add(_Capture(key, m, names, rule, ins, output, output._version))
+
+            handles.append(mod.register_forward_hook(hook))
+        for key, (mha, names) in plan.mha.items():
+            # An instance attribute shadows the class's forward for this call only; removed in `finally`.
+            previous = mha.__dict__.get("forward")
+            mha.forward = _mha_forward(mha, names, rec, ws, mha.forward)
+            patched.append((mha, previous))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+        for mha, previous in patched:
+            if previous is None:
+                del mha.__dict__["forward"]
+            else:
+                mha.forward = previous
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring.
+# ----------------------------------------------------------------------------------------------------------
+def _validate(target: str, draws: int) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown Fisher target {target!r}; valid choices: {', '.join(TARGETS)}")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
+
+
+def draw_labels(scores: Tensor, draws: int, generator: torch.Generator | None) -> Tensor:
+    """Labels drawn from softmax(scores): LongTensor [B, draws] on scores' device.
+
+    Sampling runs on the CPU so a CPU generator gives the same draws whatever the model's device.
+    """
+    probs = torch.softmax(scores.detach().float(), dim=-1).cpu()
+    return torch.multinomial(probs, draws, replacement=True, generator=generator).to(scores.device)
+
+
+def per_example_objective(scores: Tensor, labels: Tensor, target: str) -> Tensor:
+    """The scalar differentiated for each example and draw: [B, draws]."""
+    if target == "log_prob":
+        scores = torch.log_softmax(scores.float(), dim=-1)
+    return scores.gather(1, labels)
+
+
+@contextmanager
+def _scoring_mode(model: nn.Module, leaves: Sequence[Tensor]) -> Iterator[None]:
+    """Eval mode (deterministic scores) and grad enabled only on ``leaves``; everything restored afterwards.
+
+    Identified by tensor identity, not name, so it also works while parametrizations rename parameters.
+    """
+    training = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    want = {id(p) for p in leaves}
+    try:
+        model.eval()
+        for p in flags:
+            p.requires_grad_(id(p) in want)
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, t in training.items():
+            m.training = t
+        for p, f in flags.items():
+            p.requires_grad_(f)
+
+
+def _score_batches(
+    model: nn.Module,
+    plan: _Plan,
+    batches: Iterable[Any],
+    forward_fn: ForwardFn,
+    target: str,
+    draws: int,
+    generator: torch.Generator | None,
+    ws: _Workspace,
+    progress: Any = None,
+) -> tuple[dict[str, Tensor], int]:
+    scores = {n: torch.zeros_like(t.leaf(), dtype=torch.float32) for n, t in plan.targets.items()}
+    warned: set[str] = set()
+    n_batches = 0
+    for batch in batches:
+        n_batches += 1
+        with _recording(model, plan, ws) as rec:
+            out = forward_fn(model, batch)
+        if out.dim() != 2:
+            raise ValueError(f"forward_fn must return per-example class scores [B, C], got shape {tuple(out.shape)}")
+        B = out.shape[0]
+        labels = draw_labels(out, draws, generator)
+        obj = per_example_objective(out, labels, target)  # (B, draws)
+
+        # Captures that cannot be trusted (module called twice, output modified in place, batch dim not found)
+        # send their parameters to the exact fallback for this batch.
+        bad = set(rec.invalid) | {k for k, c in rec.calls.items() if c > 1}
+        for c in rec.captures:
+            if c.output._version != c.version or not c.output.requires_grad or _batch_dim(c.output, B) is None:
+                bad.add(c.key)
+        for mha, _ in plan.mha.values():  # an MHA and its out_proj stand or fall together
+            if id(mha) in bad or id(mha.out_proj) in bad:
+                bad.update((id(mha), id(mha.out_proj)))
+        good = [c for c in rec.captures if c.key not in bad]
+        fallback = list(plan.fallback)
+        for c in rec.captures:
+            if c.key in bad:
+                fallback += list(c.names.values())
+        for key in bad:
+            if key in plan.ruled:
+                fallback += list(plan.ruled[key][2].values())
+            elif key in plan.mha:
+                fallback += list(plan.mha[key][1].values())
+        fallback = list(dict.fromkeys(fallback))
+        new = [n for n in fallback if n not in warned]
+        if new:
+            warned.update(new)
+            logger.warning(
+                "Fisher: %d parameter(s) use the exact per-example fallback (slower): %s",
+                len(new), ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
+            )
+
+        for d in range(draws):
+            s = obj[:, d]  # (B,)
+            if good:
+                grads = torch.autograd.grad(
+                    s.sum(), [c.output for c in good], retain_graph=True, allow_unused=True
+                )
+                for c, g in zip(good, grads):
+                    if g is None:
+                        continue
+                    ins = c.inputs
+                    if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
+                        g = g.movedim(1, 0)
+                        ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
+                    contrib = c.rule(c.module, ins, g)
+                    for attr, name in c.names.items():
+                        if attr in contrib:
+                            if c.rows is not None:
+                                scores[name][c.rows] += contrib[attr]
+                            else:
+                                scores[name] += contrib[attr].view_as(scores[name])
+            if fallback:
+                leaves = [plan.targets[n].leaf() for n in fallback]
+                for i in range(B):  # exact but slow: one backward per example, only for these parameters
+                    gs = torch.autograd.grad(s[i], leaves, retain_graph=True, allow_unused=True)
+                    for n, g in zip(fallback, gs):
+                        if g is not None:
+                            scores[n] += g.float().square()
+        del out, obj, rec
+        if progress is not None:
+            progress.update(1)
+    return scores, n_batches
+
+
+def _batch_dim(t: Tensor, B: int) -> int | None:
+    """Where the batch lives in an activation: dim 0 (batch-first), else dim 1 (sequence-first layers)."""
+    if t.dim() >= 1 and t.shape[0] == B:
+        return 0
+    if t.dim() >= 2 and t.shape[1] == B:
+        return 1
+    return None
+
+
+def _chunk_default(model: nn.Module, chunk_elements: int | None) -> int:
+    if chunk_elements is not None:
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        return chunk_elements
+    p = next(model.parameters(), None)
+    kind = p.device.type if p is not None else "cpu"
+    return DEFAULT_CHUNK_ELEMENTS.get(kind, DEFAULT_CHUNK_ELEMENTS["cuda"])
+
+
+def fisher_scores(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward_fn: ForwardFn,
+    *,
+    params: Iterable[str] | None = None,
+    target: str = "logit",
+    draws: int = 1,
+    generator: torch.Generator | None = None,
+    chunk_elements: int | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal-Fisher sensitivity of each parameter entry: sum over examples and draws of squared gradients.
+
+    Args:
+        model: any ``nn.Module``; it is run in eval mode and left exactly as it was (weights, grads, flags).
+        batches: iterable of batches, each passed to ``forward_fn``.
+        forward_fn: ``forward_fn(model, batch) -> Tensor[B, C]`` per-example class scores (vision logits,
+            nlp answer-choice log-likelihoods). Examples must not interact (no batch norm).
+        params: names of the parameters to score; default every parameter that requires grad.
+        target: ``"logit"`` differentiates ``scores[i, y]``; ``"log_prob"`` differentiates
+            ``log_softmax(scores)[i, y]``; ``y`` is drawn from ``softmax(scores[i])``.
+        draws: labels drawn per example (each draw adds one squared gradient).
+        generator: CPU ``torch.Generator`` for the label draws (seed it for reproducible scores).
+        chunk_elements: memory knob, the largest block of per-example gradients materialised at once
+            (float32 elements; default ``DEFAULT_CHUNK_ELEMENTS`` for the model's device). Extra memory is
+            about this many floats plus the layer activations kept by the forward.
+
+    Returns:
+        ``{name: float32 tensor shaped like the parameter}`` on the parameter's device.
+    """
+    _validate(target, draws)
+    names = resolve_params(model, params)
+    ws = _Workspace(_chunk_default(model, chunk_elements))
+    plan = _build_plan(model, names, ws)
+    with _scoring_mode(model, [t.leaf() for t in plan.targets.values()]):
+        scores, n = _score_batches(model, plan, batches, forward_fn, target, draws, generator, ws)
+    if n == 0:
+        raise ValueError("fisher_scores received no batches")
+    return scores
+
+
+def fisher_scores_reference(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward_fn: ForwardFn,
+    *,
+    params: Iterable[str] | None = None,
+    target: str = "logit",
+    draws: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The anchor algorithm of the official code: one batched forward, then one backward per example.
+
+    Exact and slow (each backward walks the whole batch graph); kept as the reference that tests and
+    ``benchmarks/fisher.py`` compare :func:`fisher_scores` against. Same label draws as the fast path.
+    """
+    _validate(target, draws)
+    names = resolve_params(model, params)
+    named = dict(model.named_parameters())
+    plist = [named[n] for n in names]
+    scores = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
+    with _scoring_mode(model, plist):
+        for batch in batches:
+            out = forward_fn(model, batch)
+            obj = per_example_objective(out, draw_labels(out, draws, generator), target)
+            for i in range(obj.shape[0]):
+                for d in range(draws):
+                    gs = torch.autograd.grad(obj[i, d], plist, retain_graph=True, allow_unused=True)
+                    for n, g in zip(names, gs):
+                        if g is not None:
+                            scores[n] += g.float().square()
+    return scores
+
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "TARGETS",
+    "draw_labels",
+    "fisher_scores",
+    "fisher_scores_reference",
+    "per_example_objective",
+    "register_per_example_rule",
+    "resolve_params",
+]
+

@@ -1,0 +1,217 @@
+"""fisher_scores must equal a brute-force one-example-at-a-time loop, on every module type it handles."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from talos import fisher_scores, fisher_scores_reference, register_per_example_rule
+from talos.fisher import draw_labels, per_example_objective
+
+from .conftest import ToyText, ToyViT, image_batches, token_batches
+
+
+def brute_force(model, batches, forward_fn, names, target, draws, seed):
+    """Independent reference: labels drawn from the batched scores, gradients from single-example forwards."""
+    gen = torch.Generator().manual_seed(seed)
+    named = dict(model.named_parameters())
+    plist = [named[n] for n in names]
+    out = {n: torch.zeros_like(named[n]) for n in names}
+    was = model.training
+    model.eval()
+    for batch in batches:
+        with torch.no_grad():
+            labels = draw_labels(forward_fn(model, batch), draws, gen)  # (B, draws)
+        for i in range(batch.shape[0]):
+            scores = forward_fn(model, batch[i : i + 1])  # one example at a time
+            obj = per_example_objective(scores, labels[i : i + 1], target)[0]
+            for d in range(draws):
+                gs = torch.autograd.grad(obj[d], plist, retain_graph=True, allow_unused=True)
+                for n, g in zip(names, gs):
+                    if g is not None:
+                        out[n] += g.square()
+    model.train(was)
+    return out
+
+
+def assert_close_scores(fast, ref, rtol=1e-4):
+    assert fast.keys() == ref.keys()
+    for n in ref:
+        scale = ref[n].abs().max().clamp_min(1e-12)
+        err = (fast[n] - ref[n]).abs().max() / scale
+        assert err <= rtol, f"{n}: relative error {err:.2e}"
+
+
+def fwd(model, batch):
+    return model(batch)
+
+
+CASES = {
+    "vit": (ToyViT, lambda: image_batches(2, 5)),
+    "text": (ToyText, lambda: token_batches(2, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("target", ["logit", "log_prob"])
+@pytest.mark.parametrize("draws", [1, 3])
+def test_matches_brute_force(case, target, draws):
+    torch.manual_seed(0)
+    cls, data = CASES[case]
+    model, batches = cls(), data()
+    names = [n for n, _ in model.named_parameters()]
+    fast = fisher_scores(model, batches, fwd, target=target, draws=draws, generator=torch.Generator().manual_seed(7))
+    ref = brute_force(model, batches, fwd, names, target, draws, seed=7)
+    assert_close_scores(fast, ref)
+    # the anchor algorithm (one batched forward, one backward per example) agrees too
+    anchor = fisher_scores_reference(model, batches, fwd, target=target, draws=draws,
+                                     generator=torch.Generator().manual_seed(7))
+    assert_close_scores(anchor, ref)
+
+
+def test_supported_modules_take_the_fast_path(caplog):
+    torch.manual_seed(0)
+    model = ToyViT()
+    names = [n for n, _ in model.named_parameters() if n != "pos"]  # `pos` is used directly: fallback
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        fisher_scores(model, image_batches(1, 4), fwd, params=names)
+    assert "fallback" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        fisher_scores(model, image_batches(1, 4), fwd)
+    assert "fallback" in caplog.text and "pos" in caplog.text
+
+
+def test_open_clip_vision_transformer():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("visual", VisionTransformer(image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                                                 mlp_ratio=2.0, output_dim=8))
+    model.add_module("head", nn.Linear(8, 4))
+    batches = [torch.randn(3, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    names = [n for n, _ in model.named_parameters()]  # includes class/positional embedding and proj (fallback)
+    fast = fisher_scores(model, batches, fwd, target="logit", generator=torch.Generator().manual_seed(1))
+    assert_close_scores(fast, brute_force(model, batches, fwd, names, "logit", 1, seed=1))
+
+
+class SeqFirst(nn.Module):
+    """Linear and LayerNorm applied to (T, B, D) activations, a module called twice, and a tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.ln = nn.LayerNorm(6)
+        self.shared = nn.Linear(6, 6)  # called twice
+        self.tied = nn.Linear(6, 6, bias=False)
+        self.tied2 = nn.Linear(6, 6, bias=False)
+        self.tied2.weight = self.tied.weight
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):  # x (B, T, 3)
+        h = self.ln(self.inp(x.transpose(0, 1)))  # (T, B, 6)
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        h = self.tied2(torch.tanh(self.tied(h)))
+        return self.out(h.mean(0))
+
+
+def test_seq_first_reused_and_tied_modules_are_exact():
+    torch.manual_seed(0)
+    model = SeqFirst()
+    batches = [torch.randn(4, 5, 3), torch.randn(3, 5, 3)]
+    names = [n for n, _ in model.named_parameters()]
+    fast = fisher_scores(model, batches, fwd, target="log_prob", generator=torch.Generator().manual_seed(2))
+    assert_close_scores(fast, brute_force(model, batches, fwd, names, "log_prob", 1, seed=2))
+
+
+def test_small_chunks_give_the_same_scores():
+    torch.manual_seed(0)
+    model, batches = ToyViT(), image_batches(1, 6)
+    a = fisher_scores(model, batches, fwd, generator=torch.Generator().manual_seed(0))
+    b = fisher_scores(model, batches, fwd, generator=torch.Generator().manual_seed(0), chunk_elements=1)
+    assert_close_scores(b, a, rtol=1e-6)
+
+
+def test_model_left_untouched():
+    torch.manual_seed(0)
+    model = ToyViT()
+    model.train()
+    model.head.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    order = [n for n, _ in model.named_parameters()]
+    scores = fisher_scores(model, image_batches(1, 3), fwd, params=["mlp.0.weight", "ln1.bias"])
+    assert set(scores) == {"mlp.0.weight", "ln1.bias"}
+    assert scores["mlp.0.weight"].shape == model.mlp[0].weight.shape and scores["mlp.0.weight"].dtype == torch.float32
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())
+    assert not model.head.weight.requires_grad and model.mlp[0].weight.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [n for n, _ in model.named_parameters()] == order
+    assert "forward" not in model.attn.__dict__  # the MHA observation patch is gone
+
+
+def test_seeded_draws_are_reproducible_and_seed_dependent():
+    torch.manual_seed(0)
+    model, batches = ToyText(), token_batches(1, 6)
+    run = lambda s: fisher_scores(model, batches, fwd, target="log_prob", draws=2,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(s))
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+class Scale(nn.Module):
+    """y = x * w: a module type the library does not know."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_registered_rule_is_used_and_exact(caplog):
+    def rule(m, inputs, g):  # per-example grad of w: sum over tokens of x * g
+        x = inputs[0]
+        pe = (x * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+        return {"w": pe.square().sum(0)}
+
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3))
+    batches = [torch.randn(5, 2, 3)]
+    fwd2 = lambda m, b: m(b).mean(1)  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    ref = brute_force(model, batches, fwd2, names, "logit", 1, seed=0)
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        slow = fisher_scores(model, batches, fwd2, generator=torch.Generator().manual_seed(0))
+    assert "1.w" in caplog.text  # unknown module: exact fallback
+    assert_close_scores(slow, ref)
+    register_per_example_rule(Scale, rule)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="talos"):
+            fast = fisher_scores(model, batches, fwd2, generator=torch.Generator().manual_seed(0))
+        assert "fallback" not in caplog.text
+        assert_close_scores(fast, ref)
+    finally:
+        from talos.fisher import _RULES
+
+        _RULES.pop(Scale)
+
+
+def test_bad_inputs_raise():
+    model = ToyViT()
+    b = image_batches(1, 2)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        fisher_scores(model, b, fwd, params=["nope"])
+    with pytest.raises(ValueError, match="Fisher target"):
+        fisher_scores(model, b, fwd, target="hessian")
+    with pytest.raises(ValueError, match="draws"):
+        fisher_scores(model, b, fwd, draws=0)
+    with pytest.raises(ValueError, match=r"\[B, C\]"):
+        fisher_scores(model, b, lambda m, x: m(x).sum(1))
+    with pytest.raises(ValueError, match="no batches"):
+        fisher_scores(model, [], fwd)
