@@ -1,0 +1,280 @@
+"""The one training loop shared by every domain and mode: masked AdamW, clip-then-mask, exact resume.
+
+The loop is deliberately small. Domains supply a dataset, a ``loss_fn(model, batch)`` and the trainable
+parameters; modes supply masks. Order of operations per optimizer step (paper-notes §1.4):
+
+1. forward/backward over ``accumulation`` micro-batches (bf16 autocast on CUDA if asked);
+2. clip the gradient norm over the FULL gradients of every tensor with at least one trainable entry (frozen
+   entries of partially trainable tensors included, as the official code does), then
+3. the masked AdamW step, which ignores masked-out entries, and the learning-rate schedule.
+
+The data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, and checkpoints hold the trainable
+tensors, optimizer, scheduler and RNG states, so an interrupted run resumes to the same result.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .io import atomic_torch_save, torch_load
+from .optim import MaskedAdamW, freeze_masked_out
+
+logger = logging.getLogger("talos")
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Give ``epochs`` or ``steps`` (optimizer steps); ``batch_size`` is the global
+    batch of one optimizer step, split into ``accumulation`` micro-batches."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 128
+    accumulation: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup: int = 500
+    schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent settings (called before any work)."""
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs or steps")
+        if (self.epochs is not None and self.epochs < 1) or (self.steps is not None and self.steps < 1):
+            raise ValueError("epochs/steps must be positive")
+        if self.batch_size < 1 or self.accumulation < 1 or self.batch_size % self.accumulation:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a positive multiple of accumulation ({self.accumulation})"
+            )
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("lr must be > 0, weight_decay and warmup >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimizer step ``step``: linear warm-up, then cosine to 0 (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def setup_trainable(
+    model: nn.Module,
+    eligible: Sequence[str],
+    masks: Mapping[str, Tensor] | None,
+    dense: Sequence[str] = (),
+) -> list[tuple[str, nn.Parameter]]:
+    """Set ``requires_grad`` so that exactly the trainable tensors get gradients; return them by name.
+
+    ``eligible`` tensors train where ``masks`` is True (all entries if ``masks`` is None); ``dense`` tensors
+    train densely; everything else is frozen. Tensors whose mask is all False are frozen entirely, so autograd
+    skips their weight gradients (where TaLoS saves time and memory).
+    """
+    named = dict(model.named_parameters())
+    unknown = [n for n in list(eligible) + list(dense) if n not in named]
+    if unknown:
+        raise ValueError(f"unknown parameter names: {unknown[:5]}")
+    both = set(eligible) & set(dense)
+    if both:
+        raise ValueError(f"parameters both eligible and dense: {sorted(both)[:5]}")
+    train = set(eligible) | set(dense)
+    for n, p in named.items():
+        p.requires_grad_(n in train)
+    if masks is not None:
+        missing = [n for n in eligible if n not in masks]
+        if missing:
+            raise ValueError(f"no mask for eligible parameters: {missing[:5]}")
+        freeze_masked_out([(n, named[n]) for n in eligible], masks)
+    return [(n, p) for n, p in named.items() if p.requires_grad]
+
+
+def build_optimizer(
+    named_params: Sequence[tuple[str, nn.Parameter]],
+    masks: Mapping[str, Tensor] | None,
+    dense: Sequence[str],
+    lr: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """Plain AdamW for dense training, MaskedAdamW (state only for trainable entries) otherwise."""
+    if masks is None:
+        return torch.optim.AdamW([p for _, p in named_params], lr=lr, weight_decay=weight_decay)
+    m = {n: masks[n] for n, _ in named_params if n in masks}
+    return MaskedAdamW(named_params, m, lr=lr, weight_decay=weight_decay,
+                       dense=[n for n, _ in named_params if n in set(dense)])
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+          "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Mapping[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(_to_tuple(st["python"]))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _epoch_batches(n: int, batch_size: int, micro: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """Per optimizer step, its micro-batches of dataset indices, from a permutation seeded by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    steps = []
+    for s in range(0, n, batch_size):
+        chunk = perm[s : s + batch_size]
+        steps.append([chunk[i : i + micro] for i in range(0, len(chunk), micro)])
+    return steps
+
+
+def train(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    named_params: Sequence[tuple[str, nn.Parameter]],
+    masks: Mapping[str, Tensor] | None,
+    cfg: TrainConfig,
+    *,
+    dense: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+    checkpoint_path: str | Path | None = None,
+    collate_fn: Callable | None = None,
+    on_log: Callable[[int, Mapping[str, float]], None] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``named_params`` of ``model`` on ``dataset``; resume from ``checkpoint_path`` if it exists.
+
+    ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. ``stop_after`` ends the run after that
+    many optimizer steps (used by tests to simulate an interruption; the checkpoint is written first).
+    Returns a summary dict (steps, last loss, seconds).
+    """
+    cfg.validate()
+    device = torch.device(device)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("training dataset is empty")
+    micro = cfg.batch_size // cfg.accumulation
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch  # type: ignore[operator]
+    params = [p for _, p in named_params]
+    opt = build_optimizer(named_params, masks, dense, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup, total, cfg.schedule)
+    )
+    step = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch_load(ckpt)
+        named = dict(named_params)
+        if set(state["params"]) != set(named):
+            raise ValueError(f"checkpoint {ckpt} does not match the trainable parameters of this run")
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                if named[k].shape != v.shape:
+                    raise ValueError(f"checkpoint {ckpt}: shape mismatch for {k}")
+                named[k].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+        logger.info("resumed from %s at step %d/%d", ckpt, step, total)
+
+    def save_checkpoint() -> None:
+        if ckpt is None:
+            return
+        atomic_torch_save(ckpt, {
+            "step": step,
+            "params": {n_: p.detach().cpu() for n_, p in named_params},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(),
+            "config": asdict(cfg),
+        })
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="fine-tuning", leave=False)
+    model.train()
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    t0 = time.time()
+    last_loss = float("nan")
+    while step < total:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        plan = _epoch_batches(n, cfg.batch_size, micro, cfg.seed, epoch)[in_epoch:]
+        flat = [mb for s in plan for mb in s]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=flat, num_workers=cfg.num_workers, collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+            pin_memory=device.type == "cuda",
+        )
+        it = iter(loader)
+        for micro_batches in plan:
+            if step >= total:
+                break
+            batch_n = sum(len(mb) for mb in micro_batches)
+            loss_sum = 0.0
+            for mb in micro_batches:
+                batch = next(it)
+                with autocast:
+                    loss = loss_fn(model, batch)
+                # weight each micro-batch by its share so the gradient is the mean over the global batch
+                (loss * (len(mb) / batch_n)).backward()
+                loss_sum += float(loss.detach()) * len(mb) / batch_n
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_sum
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}")
+            if on_log is not None and (step % cfg.log_every == 0 or step == total):
+                on_log(step, {"train/loss": loss_sum, "train/lr": opt.param_groups[0]["lr"], "train/epoch": epoch})
+            if step % cfg.checkpoint_every == 0 or (stop_after is not None and step >= stop_after):
+                save_checkpoint()
+            if stop_after is not None and step >= stop_after:
+                if bar is not None:
+                    bar.close()
+                return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": time.time() - t0,
+                        "interrupted": True}
+    if bar is not None:
+        bar.close()
+    return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": time.time() - t0,
+            "interrupted": False}
