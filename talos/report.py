@@ -1,0 +1,95 @@
+"""The shared results.json schema (vision, nlp, demo) and its markdown rendering.
+
+Schema::
+    {"single_task": {mode: {task: acc}},
+     "addition": {mode: {"absolute", "normalized", "coef"}},
+     "negation": {mode: {"target", "control", "coef"}},
+     "merges": {merge: {"absolute", "normalized", "coef"}},
+     "task_vector_density": {mode: {task: fraction of nonzero entries over the fine-tuned tensors}}}
+
+Evaluation scripts given ``--results-json PATH`` merge their section into that file (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .io import atomic_write_bytes, atomic_write_json, read_json
+
+SECTIONS = ("single_task", "addition", "negation", "merges", "task_vector_density")
+
+
+def update_results(path: str | os.PathLike, section: str, key: str, value: Any) -> dict[str, Any]:
+    """Set ``results[section][key] = value`` in the JSON file at ``path`` (created if missing)."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown results section {section!r}; valid: {', '.join(SECTIONS)}")
+    p = Path(path)
+    results = read_json(p) if p.exists() else {}
+    for s in SECTIONS:
+        results.setdefault(s, {})
+    results[section][key] = value
+    atomic_write_json(p, results)
+    return results
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f}" if isinstance(x, (int, float)) else "-"
+
+
+def to_markdown(results: Mapping[str, Any]) -> str:
+    """Readable tables of a results dict."""
+    lines: list[str] = []
+    st = results.get("single_task", {})
+    if st:
+        tasks = sorted({t for v in st.values() for t in v})
+        lines += ["## Single-task accuracy (%)", "", "| mode | " + " | ".join(tasks) + " |",
+                  "|---|" + "---:|" * len(tasks)]
+        for mode, accs in st.items():
+            lines.append(f"| {mode} | " + " | ".join(_pct(accs.get(t)) for t in tasks) + " |")
+        lines.append("")
+    for section, title, cols in (("addition", "Task addition", ("absolute", "normalized", "coef")),
+                                 ("merges", "Merges of standard task vectors (addition)", ("absolute", "normalized", "coef")),
+                                 ("negation", "Task negation", ("target", "control", "coef"))):
+        rows = results.get(section, {})
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for name, r in rows.items():
+            cells = []
+            for c in cols:
+                v = r.get(c)
+                if c == "coef":
+                    cells.append(f"{v:.2f}" if isinstance(v, (int, float)) else
+                                 ("mean " + f"{sum(v.values()) / len(v):.2f}" if isinstance(v, dict) and v else "-"))
+                else:
+                    cells.append(_pct(v))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    dens = results.get("task_vector_density", {})
+    if dens:
+        lines += ["## Task-vector density (fraction of nonzero entries)", "", "| mode | task | density |",
+                  "|---|---|---:|"]
+        for mode, per in dens.items():
+            for t, d in per.items():
+                lines.append(f"| {mode} | {t} | {d:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """``python -m talos.report results.json [--out results.md]``: render and print the tables."""
+    p = argparse.ArgumentParser(description="Render a results.json as markdown tables")
+    p.add_argument("results")
+    p.add_argument("--out", default=None, help="also write the markdown here")
+    a = p.parse_args(argv)
+    md = to_markdown(read_json(a.results))
+    if a.out:
+        atomic_write_bytes(a.out, md.encode())
+    print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()
