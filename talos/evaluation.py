@@ -55,14 +55,16 @@ def task_addition(
     ``finetuned_acc[split][task]`` is the same method's single-task accuracy (normaliser).
     """
     tasks = list(task_vectors)
-    merged = merge(merge_method, [task_vectors[t] for t in tasks], **dict(merge_kwargs or {}))
+    merged = merge(merge_method, {t: task_vectors[t] for t in tasks}, **dict(merge_kwargs or {}))
+    # one merged vector for all tasks, or (TALL-masks) one edit per task, evaluated on that task
+    edit_for = (lambda t: merged[t]) if isinstance(merged, dict) else (lambda t: merged)
     curve: dict[float, dict[str, float]] = {}
     for a in coefficient_grid(n_points):
-        curve[a] = {t: evaluate(merged * a, t, "val") for t in tasks}
+        curve[a] = {t: evaluate(None if a == 0 else edit_for(t) * a, t, "val") for t in tasks}
         if on_point is not None:
             on_point(a, curve[a])
     coef = choose_addition_coef(curve, {t: finetuned_acc["val"][t] for t in tasks})
-    test = {t: evaluate(merged * coef, t, "test") for t in tasks}
+    test = {t: evaluate(None if coef == 0 else edit_for(t) * coef, t, "test") for t in tasks}
     result = summarize_addition(test, {t: finetuned_acc["test"][t] for t in tasks})
     result["coef"] = coef
     result["val_curve"] = {str(a): v for a, v in curve.items()}
