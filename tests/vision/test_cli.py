@@ -1,0 +1,144 @@
+"""The vision scripts end to end on the tiny CLIP config and generated image folders (CPU, offline)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from talos.io import load_tensors
+from talos.task_vector import TaskVector
+from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
+from vision.synthetic import make_synthetic_datasets
+
+TASKS = "SynthShapes,SynthColors"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    loc = tmp_path_factory.mktemp("vision_data")
+    make_synthetic_datasets(loc, n_train=40, n_test=20)
+    return loc
+
+
+def common(data, save, *extra):
+    return ["--model", "talos-tiny-vit", "--pretrained", "none", "--data-location", str(data), "--save", str(save),
+            "--eval-datasets", TASKS, "--control-dataset", "SynthControl", "--batch-size", "16", "--lr", "1e-3",
+            "--warmup-length", "2", "--epochs", "2", "--calibration-batch-size", "8", "--eval-batch-size", "64",
+            "--num-workers", "0", "--device", "cpu", "--no-progress", "--n-eval-points", "3", *extra]
+
+
+def run_dir(save, mode, task):
+    (d,) = list((save / "vision" / "talos-tiny-vit" / mode / task).iterdir())
+    return d
+
+
+def test_pipeline_end_to_end(data, tmp_path):
+    save, results = tmp_path / "runs", tmp_path / "results.json"
+    for mode in ("standard", "talos"):
+        for task in TASKS.split(","):
+            m = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
+            assert m["steps"] == 2 * 3  # 36 train images (40 minus 4 val), batch 16, 2 epochs
+        for script in (eval_single_task, eval_task_addition, eval_task_negation):
+            script.main(common(data, save, "--finetuning-mode", mode, "--results-json", str(results)))
+    d = run_dir(save, "talos", "SynthShapes")
+    for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
+              "task_vector.safetensors", "metrics.json"):
+        assert (d / f).exists(), f
+    assert not (d / "checkpoint.pt").exists()
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["args"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
+    res = json.loads(results.read_text())
+    for mode in ("standard", "talos"):
+        assert set(res["single_task"][mode]) == set(TASKS.split(","))
+        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
+        assert set(res["negation"][mode]) == {"target", "control", "coef"}
+    assert res["merges"]["sum"] == res["addition"]["standard"]
+    assert res["task_vector_density"]["standard"]["SynthShapes"] == 1.0
+    assert res["task_vector_density"]["talos"]["SynthShapes"] < 0.5
+    # stages skip when their artifacts exist
+    before = (d / "task_vector.safetensors").stat().st_mtime_ns
+    finetune.main(common(data, save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes"))
+    assert (d / "task_vector.safetensors").stat().st_mtime_ns == before
+
+
+def test_talos_task_vector_is_as_sparse_as_the_mask(data, tmp_path):
+    save = tmp_path / "runs"
+    finetune.main(common(data, save, "--finetuning-mode", "talos", "--train-dataset", "SynthStripes",
+                         "--freeze-embeddings", "--eval-datasets", "SynthStripes"))
+    d = run_dir(save, "talos", "SynthStripes")
+    masks, tv = load_tensors(d / "mask.safetensors"), TaskVector.load(d / "task_vector.safetensors")
+    assert set(tv.keys()) == set(masks)  # embeddings frozen: only eligible tensors
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert abs(kept - int(0.1 * total)) <= 1
+    for n, m in masks.items():
+        assert not tv[n][~m].any(), n  # nothing moved outside the mask
+    assert tv.nnz() > 0.5 * kept  # and most trainable entries did move
+
+
+def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
+    args = ["--finetuning-mode", "talos", "--train-dataset", "SynthShapes", "--eval-datasets", "SynthShapes"]
+    finetune.main(common(data, tmp_path / "a", *args))
+    out = finetune.main(common(data, tmp_path / "b", *args, "--stop-after", "4"))
+    assert out["interrupted"] and out["steps"] == 4
+    d = run_dir(tmp_path / "b", "talos", "SynthShapes")
+    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
+    finetune.main(common(data, tmp_path / "b", *args))
+    a = TaskVector.load(run_dir(tmp_path / "a", "talos", "SynthShapes") / "task_vector.safetensors")
+    b = TaskVector.load(d / "task_vector.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+
+
+def test_wandb_offline(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save = tmp_path / "runs"
+    finetune.main(common(data, save, "--finetuning-mode", "standard", "--train-dataset", "SynthColors",
+                         "--eval-datasets", "SynthColors", "--wandb", "--wandb-project", "talos-test"))
+    d = run_dir(save, "standard", "SynthColors")
+    assert list((d / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--train-dataset", "Nope"], "unknown dataset"),
+    (["--train-dataset", "SynthShapes", "--model", "ViT-Nope"], "unknown model"),
+    (["--train-dataset", "SynthShapes", "--finetuning-mode", "magic"], "unknown fine-tuning mode"),
+    (["--train-dataset", "SynthShapes", "--sparsity", "1.5"], "sparsity"),
+    (["--train-dataset", "SynthShapes", "--sparsity", "0"], "sparsity"),
+    (["--train-dataset", "SynthShapes", "--merge", "average"], "unknown merge method"),
+])
+def test_bad_input_fails_before_loading(data, tmp_path, monkeypatch, capsys, bad, message):
+    monkeypatch.setattr("vision.models.load_clip", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as e:
+        finetune.main(common(data, tmp_path, *bad))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_data_fails_before_loading_and_says_how_to_prepare(tmp_path, monkeypatch):
+    monkeypatch.setattr("vision.common.load_clip", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(FileNotFoundError) as e:
+        finetune.main(common(tmp_path / "empty", tmp_path, "--train-dataset", "SynthShapes"))
+    msg = str(e.value)
+    assert "SynthShapes" in msg and str(tmp_path / "empty") in msg and "prepare_datasets.py" in msg
+    assert not (tmp_path / "vision").exists()  # nothing half-written
+
+
+def test_missing_task_vector_names_the_command(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="vision/finetune.py"):
+        eval_task_addition.main(common(data, tmp_path, "--finetuning-mode", "talos"))
+
+
+def test_zeroshot_head_shape_and_norm():
+    from vision.models import ImageClassifier, load_clip, zeroshot_head
+
+    torch.manual_seed(0)
+    clip, _, _, tok = load_clip("talos-tiny-vit", "none")
+    head = zeroshot_head(clip, tok, ["cat", "dog", "car"], ["a photo of a {}.", "a {}."])
+    assert head.shape == (3, 32)
+    norms = head.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full((3,), float(clip.logit_scale.exp())), rtol=1e-5, atol=1e-5)
+    logits = ImageClassifier(clip.visual, head)(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 3)

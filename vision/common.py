@@ -1,0 +1,151 @@
+"""Shared plumbing of the vision scripts: model + heads, data loaders, run paths, and the evaluator."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from talos.io import load_tensors, save_tensors
+from talos.paths import EvalRun, FinetuneRun, head_path
+from talos.task_vector import TaskVector
+
+from .args import finetune_hparams
+from .datasets import DATASETS, base_name, get_dataset
+from .models import ImageClassifier, head_key, load_clip, split_parameters, zeroshot_head
+
+logger = logging.getLogger("talos")
+DOMAIN = "vision"
+
+
+def finetune_run(args: argparse.Namespace, task: str) -> FinetuneRun:
+    """Where the fine-tuning run of ``task`` under ``args`` lives."""
+    return FinetuneRun(args.save, DOMAIN, args.model, args.finetuning_mode, task, finetune_hparams(args, task))
+
+
+def eval_run(args: argparse.Namespace, protocol: str, extra: Mapping[str, Any] | None = None) -> EvalRun:
+    """Where an evaluation's results live: hashed over the task runs it reads and its own settings."""
+    tasks = sorted(args.eval_datasets)
+    h = {"runs": {t: finetune_run(args, t).hash for t in tasks}, "mode": args.finetuning_mode,
+         "n_eval_points": args.n_eval_points, **dict(extra or {})}
+    return EvalRun(args.save, DOMAIN, args.model, protocol, h)
+
+
+class VisionSetup:
+    """One CLIP model for a whole script: its image classifier, cached zero-shot heads and loaders."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        clip, self.train_preprocess, self.val_preprocess, self.tokenizer = load_clip(
+            args.model, args.pretrained, args.openclip_cachedir, device="cpu"
+        )
+        self._clip = clip
+        self._heads: dict[str, Tensor] = {}
+        self.classifier = ImageClassifier(clip.visual, torch.zeros(1, 1)).to(self.device)
+        self.eligible, self.dense = split_parameters(self.classifier, args.freeze_embeddings)
+
+    def head(self, task: str) -> Tensor:
+        """Zero-shot head [C, D] of ``task`` (base dataset), cached on disk as safetensors."""
+        name = base_name(task)
+        if name not in self._heads:
+            spec = DATASETS.get(name)
+            classnames, templates = spec.classnames(self.args.data_location), spec.templates
+            path = head_path(self.args.save, DOMAIN, self.args.model, name,
+                             {"pretrained": self.args.pretrained, "classes": head_key(classnames, templates)})
+            if path.exists():
+                w = load_tensors(path)["head"]
+            else:
+                w = zeroshot_head(self._clip.to(self.device), self.tokenizer, classnames, templates, str(self.device))
+                self._clip.to("cpu")
+                save_tensors(path, {"head": w})
+            self._heads[name] = w
+        return self._heads[name]
+
+    def use_task(self, task: str) -> ImageClassifier:
+        """The classifier with ``task``'s head installed."""
+        self.classifier.set_head(self.head(task).to(self.device))
+        return self.classifier
+
+    def dataset(self, task: str, split: str, train_transform: bool = False):
+        """``split`` 'train'/'val'/'test' of ``task``: val = the held-out <Task>Val split."""
+        tf = self.train_preprocess if train_transform else self.val_preprocess
+        if split == "val":
+            return get_dataset(base_name(task) + "Val", "test", tf, self.args.data_location)
+        return get_dataset(base_name(task), split, tf, self.args.data_location)
+
+    def loader(self, dataset, batch_size: int, shuffle: bool = False) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                           num_workers=self.args.num_workers,
+                                           pin_memory=self.device.type == "cuda")
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Current values of every tensor a fine-tuning run may change (eligible + dense), on CPU."""
+        named = dict(self.classifier.named_parameters())
+        return {n: named[n].detach().cpu().clone() for n in self.eligible + self.dense}
+
+
+def logits_forward(model: torch.nn.Module, batch: Any) -> Tensor:
+    """Per-example class scores of an (images, labels) batch: the calibration forward."""
+    images = batch[0].to(next(model.parameters()).device, non_blocking=True)
+    return model(images)
+
+
+class Evaluator:
+    """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split (talos.evaluation's interface)."""
+
+    def __init__(self, setup: VisionSetup) -> None:
+        self.setup = setup
+        self.theta0 = setup.trainable_state()
+        self._zs: dict[tuple[str, str], float] = {}
+
+    def _apply(self, edit: TaskVector | None) -> None:
+        named = dict(self.setup.classifier.named_parameters())
+        with torch.no_grad():
+            for n, v in self.theta0.items():
+                named[n].copy_(v)
+            if edit is not None:
+                for n in edit.keys():
+                    if n not in named:
+                        raise ValueError(f"task vector entry {n!r} is not a parameter of {self.setup.args.model}")
+                    named[n].add_(edit[n].to(named[n].device, named[n].dtype))
+
+    @torch.no_grad()
+    def accuracy(self, task: str, split: str) -> float:
+        model = self.setup.use_task(task).eval()
+        ds = self.setup.dataset(task, split)
+        correct = total = 0
+        dev = self.setup.device
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.setup.args.precision == "bf16")
+        for x, y in self.setup.loader(ds, self.setup.args.eval_batch_size):
+            with autocast:
+                pred = model(x.to(dev, non_blocking=True)).argmax(-1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+        return correct / max(1, total)
+
+    def __call__(self, edit: TaskVector | None, task: str, split: str) -> float:
+        if edit is None and (task, split) in self._zs:
+            return self._zs[(task, split)]
+        self._apply(edit)
+        acc = self.accuracy(task, split)
+        if edit is None:
+            self._zs[(task, split)] = acc
+        return acc
+
+
+def load_task_vectors(args: argparse.Namespace, tasks: list[str]) -> dict[str, TaskVector]:
+    """The task vectors of ``tasks`` for ``args``' mode; a missing one says which command produces it."""
+    out = {}
+    for t in tasks:
+        run = finetune_run(args, t)
+        if not run.task_vector.exists():
+            raise FileNotFoundError(
+                f"no task vector for {t} ({args.finetuning_mode}) at {run.task_vector}; run: python vision/finetune.py "
+                f"--train-dataset {t} --finetuning-mode {args.finetuning_mode} --model {args.model} "
+                f"--save {args.save} (with the same hyperparameters)"
+            )
+        out[t] = TaskVector.load(run.task_vector)
+    return out

@@ -1,0 +1,23 @@
+"""Vision negation evaluation (see vision/evaluate.py for the protocol and flags).
+
+    python vision/eval_task_negation.py --model ViT-B-32 --finetuning-mode talos --data-location ~/data --save runs
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vision.evaluate import main as _main
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Entry point; `argv` defaults to the command line."""
+    return _main("negation", argv)
+
+
+if __name__ == "__main__":
+    main()

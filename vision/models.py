@@ -1,0 +1,122 @@
+"""CLIP image classifiers from open_clip: loading, zero-shot heads, and which parameters TaLoS may touch."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger("talos")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+#: Architectures this project adds to open_clip's registry (tiny, for tests and smoke runs).
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Add ``vision/model_configs/*.json`` to open_clip's model registry (idempotent)."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def check_model_name(name: str) -> None:
+    """Raise ValueError (listing examples) if ``name`` is not an open_clip architecture or a tiny config."""
+    import open_clip
+
+    register_model_configs()
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    models = open_clip.list_models()
+    if name not in models:
+        vits = [m for m in models if m.startswith("ViT-")][:12]
+        raise ValueError(f"unknown model {name!r}; valid choices include: {', '.join(vits + list(TINY_MODELS))} "
+                         "(see open_clip.list_models())")
+
+
+def load_clip(name: str, pretrained: str | None, cache_dir: str | None = None, device: str = "cpu"):
+    """(clip_model, train_preprocess, val_preprocess, tokenizer). ``pretrained`` 'none' = random init."""
+    import open_clip
+
+    register_model_configs()
+    tag = None if pretrained in (None, "", "none") else pretrained
+    model, train_pre, val_pre = open_clip.create_model_and_transforms(
+        name, pretrained=tag, cache_dir=cache_dir, device=device
+    )
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, train_pre, val_pre, tokenizer
+
+
+class ImageClassifier(nn.Module):
+    """CLIP image encoder + a frozen zero-shot head: logits = normalize(visual(x)) @ head.T.
+
+    The head is a buffer (scaled by CLIP's logit scale), so it never appears among trainable parameters.
+    """
+
+    def __init__(self, visual: nn.Module, head: Tensor) -> None:
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("head", head)  # (C, D)
+
+    def set_head(self, head: Tensor) -> None:
+        """Swap the classification head (one per task), keeping the encoder."""
+        self.head = head.to(self.head.device, self.head.dtype).contiguous()
+
+    def forward(self, images: Tensor) -> Tensor:
+        feats = F.normalize(self.visual(images), dim=-1)  # (B, D)
+        return feats @ self.head.T  # (B, C)
+
+
+@torch.no_grad()
+def zeroshot_head(clip_model: nn.Module, tokenizer: Any, classnames: Sequence[str], templates: Sequence[Any],
+                  device: str = "cpu") -> Tensor:
+    """Class embeddings [C, D]: templates filled with each class name, encoded, normalised, averaged,
+    renormalised (open_clip's builder), times the logit scale."""
+    from open_clip import build_zero_shot_classifier
+
+    clip_model.eval()
+    w = build_zero_shot_classifier(clip_model, tokenizer=tokenizer, classnames=list(classnames),
+                                   templates=list(templates), num_classes_per_batch=10, device=device,
+                                   use_tqdm=False)  # (D, C)
+    return (clip_model.logit_scale.exp() * w.T).float().cpu().contiguous()  # (C, D), same layout as cached
+
+
+def head_key(classnames: Sequence[str], templates: Sequence[Any]) -> str:
+    """A short hash of the class names and templates (part of a cached head's file name)."""
+    t = [x if isinstance(x, str) else x("{}") for x in templates]
+    return hashlib.sha256(json.dumps([list(classnames), t]).encode()).hexdigest()[:10]
+
+
+# Modules whose parameters TaLoS scores and may fine-tune (paper-notes §1.3).
+_ELIGIBLE_MODULES = (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.MultiheadAttention)
+
+
+def split_parameters(classifier: ImageClassifier, freeze_embeddings: bool) -> tuple[list[str], list[str]]:
+    """(eligible, dense) parameter names of the image encoder.
+
+    Eligible: patch-embedding conv, attention in/out projections, MLP linears, layer norms. The rest of the
+    encoder (class and positional embeddings, output projection, and any other direct parameter) is trained
+    densely as in the official code, or frozen with ``freeze_embeddings`` (exactly sparse task vectors).
+    """
+    eligible, dense = [], []
+    owner = {}
+    for mname, mod in classifier.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = mod
+    for n, _ in classifier.named_parameters():
+        if not n.startswith("visual."):
+            continue
+        if isinstance(owner[n], _ELIGIBLE_MODULES):
+            eligible.append(n)
+        elif not freeze_embeddings:
+            dense.append(n)
+    return eligible, dense
