@@ -1,10 +1,46 @@
-"""Merge methods that combine several task vectors into one (``--merge``); one registry entry per method."""
+"""Merge methods that combine several task vectors into one (``--merge``); one registry entry per method.
+
+Registered methods (hyperparameters and defaults in :data:`MERGE_HPARAMS`):
+
+* ``sum``          task arithmetic, Σ_t τ_t.
+* ``ties``         TIES-Merging (Yadav et al., 2023): global top-k trim, sign election, disjoint mean.
+* ``dare``         DARE (Yu et al., 2024): random drop with probability p, rescale by 1/(1−p), sum.
+* ``breadcrumbs``  Model Breadcrumbs (Davari & Belilovsky, 2024): per row, drop the top-β outliers,
+                   keep the next γ fraction by magnitude, sum.
+* ``tall_masks``   TALL-masks (Wang et al., 2024): one edit per task, m_t ⊙ τ_MTL (returns a dict).
+* ``consensus``    Consensus Task Arithmetic (same paper): τ_MTL on coordinates kept by ≥ k TALL masks.
+
+Every method takes ``vectors: Mapping[task, TaskVector]`` (identical keys and shapes) and keyword-only
+hyperparameters, never modifies its inputs, and computes in float32 (float64 when any input tensor is
+float64); its outputs are in that dtype, except ``sum`` which keeps TaskVector addition's dtype rules.
+Work is done one parameter tensor at a time; only TIES's global threshold looks at a whole vector.
+"""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import inspect
+import math
+import numbers
+import warnings
+import zlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
 
 from .registry import Registry
 from .task_vector import TaskVector
+
+__all__ = [
+    "MERGES",
+    "MERGE_HPARAMS",
+    "MergeFn",
+    "merge",
+    "merge_sum",
+    "merge_ties",
+    "merge_dare",
+    "merge_breadcrumbs",
+    "merge_tall_masks",
+    "merge_consensus",
+]
 
 MergeFn = Callable[..., "TaskVector | dict[str, TaskVector]"]
 
@@ -14,15 +50,302 @@ MergeFn = Callable[..., "TaskVector | dict[str, TaskVector]"]
 MERGES: Registry[MergeFn] = Registry("merge method")
 
 
-@MERGES.register("sum")
-def merge_sum(vectors: Mapping[str, TaskVector], **_: object) -> TaskVector:
-    """Task arithmetic: the plain sum of the task vectors."""
-    vs = list(vectors.values())
-    if not vs:
+# ---------------------------------------------------------------------------------------------- helpers
+def _tasks(vectors: Mapping[str, TaskVector]) -> tuple[list[str], list[TaskVector], list[str]]:
+    """Task names, their vectors and the shared key order; ValueError on empty or mismatched input."""
+    names = list(vectors)
+    if not names:
         raise ValueError("no task vectors to merge")
+    vs = [vectors[n] for n in names]
+    for n, v in zip(names, vs):
+        if not isinstance(v, TaskVector):
+            raise TypeError(f"task {n!r}: expected a TaskVector, got {type(v).__name__}")
+    ref_name, ref = names[0], vs[0]
+    keys = list(ref.keys())
+    for n, v in zip(names[1:], vs[1:]):
+        if set(v.keys()) != set(keys):
+            diff = sorted(set(v.keys()) ^ set(keys))
+            raise ValueError(f"task {n!r} and task {ref_name!r} have different keys (e.g. {diff[:4]})")
+        bad = [k for k in keys if v[k].shape != ref[k].shape]
+        if bad:
+            raise ValueError(f"task {n!r} and task {ref_name!r} differ in shape for {bad[:4]}")
+    return names, vs, keys
+
+
+def _compute_dtype(vs: list[TaskVector]) -> torch.dtype:
+    """float64 if any input tensor is float64, else float32 (16-bit inputs are widened)."""
+    return torch.float64 if any(t.dtype == torch.float64 for v in vs for t in v.vector.values()) else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` detached in ``dtype``. May alias the input: callers never write into the result."""
+    return t.detach().to(dtype)
+
+
+def _count(frac: float, n: int) -> int:
+    """``floor(frac * n)`` clamped to [0, n]; rounding first so that e.g. 0.7 + 0.1 of 10 gives 8, not 7."""
+    return max(0, min(n, math.floor(round(frac * n, 6))))
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _fraction(name: str, value: Any) -> float:
+    """A kept fraction, in (0, 1]."""
+    v = _real(name, value)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- sum
+@MERGES.register("sum")
+def merge_sum(vectors: Mapping[str, TaskVector]) -> TaskVector:
+    """Task arithmetic: the plain sum of the task vectors."""
+    _, vs, _ = _tasks(vectors)
     return sum(vs[1:], vs[0])
 
 
-def merge(name: str, vectors: Mapping[str, TaskVector], **hparams: object) -> "TaskVector | dict[str, TaskVector]":
-    """Merge ``vectors`` with the registered method ``name`` (unknown names raise with the valid list)."""
-    return MERGES.get(name)(vectors, **hparams)
+# ---------------------------------------------------------------------------------------------- TIES
+def _global_topk_threshold(v: TaskVector, keys: list[str], k: float, dtype: torch.dtype) -> float | None:
+    """The magnitude of the ⌊k·N⌋-th largest entry (at least the largest) over all N entries of ``v``.
+
+    Memory: one flat buffer of N magnitudes (filled slice by slice, no list of copies), then kthvalue.
+    Returns None for an empty vector.
+    """
+    n = sum(v[key].numel() for key in keys)
+    if n == 0:
+        return None
+    first = next(t for t in v.vector.values() if t.numel())
+    mags = torch.empty(n, dtype=dtype, device=first.device)  # (N,)
+    pos = 0
+    for key in keys:
+        t = v[key]
+        mags[pos : pos + t.numel()] = _as(t, dtype).reshape(-1).abs().to(mags.device)
+        pos += t.numel()
+    n_keep = max(1, _count(k, n))
+    # kthvalue is 1-based from the smallest: the n_keep-th largest is the (n - n_keep + 1)-th smallest.
+    return float(torch.kthvalue(mags, n - n_keep + 1).values)
+
+
+@MERGES.register("ties")
+def merge_ties(vectors: Mapping[str, TaskVector], *, k: float = 0.1) -> TaskVector:
+    """TIES-Merging: trim, elect sign, disjoint mean.
+
+    1. Trim: per task, keep the entries whose magnitude is at least that of the ⌊k·N⌋-th largest over the
+       WHOLE flattened task vector (N entries, all tensors together), as in the official TIES code
+       (``topk_values_mask`` over the flattened vector); entries tied at the threshold are all kept.
+    2. Elect: per entry, γ = sign(Σ_t trimmed_t) (sign of the total mass).
+    3. Disjoint mean: per entry, the mean of the trimmed values that are nonzero and have sign γ;
+       0 where no task agrees. An exact tie (Σ = 0) elects sign 0, so the entry is 0, as in the paper's
+       Algorithm 1; the official code's extra rule (replace 0 by the vector-wide majority sign) is not used.
+    """
+    k = _fraction("k", k)
+    _, vs, keys = _tasks(vectors)
+    dtype = _compute_dtype(vs)
+    thresholds = [_global_topk_threshold(v, keys, k, dtype) for v in vs]
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key in keys:
+            trimmed = torch.stack(
+                [torch.where(_as(v[key], dtype).abs() >= th, _as(v[key], dtype), 0.0) for v, th in zip(vs, thresholds)]
+            )  # (T, *shape)
+            elected = torch.sign(trimmed.sum(0))  # (*shape), in {-1, 0, 1}
+            agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (T, *shape)
+            total = torch.where(agree, trimmed, 0.0).sum(0)
+            count = agree.sum(0).clamp(min=1)  # entries with no agreeing task: 0 / 1 = 0
+            out[key] = total / count.to(dtype)
+    return TaskVector(out)
+
+
+# ---------------------------------------------------------------------------------------------- DARE
+def _task_generator(seed: int, task: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, task name), so a task's drop mask does not depend on the order
+    or on which other tasks are merged (crc32: stable across processes, unlike ``hash``)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(task.encode())) % 2**64)
+
+
+@MERGES.register("dare")
+def merge_dare(vectors: Mapping[str, TaskVector], *, p: float = 0.9, seed: int = 0) -> TaskVector:
+    """DARE: per task, drop each entry with probability ``p``, rescale survivors by 1/(1−p), then sum.
+
+    Deterministic: each task draws from its own ``torch.Generator`` seeded from ``seed`` and the task
+    name, over tensors in key order. Uniforms are drawn on the CPU and moved to the tensor's device, so
+    the masks are the same on every device. ``p = 0`` reproduces ``sum`` exactly.
+    """
+    p = _real("p", p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    seed = _integer("seed", seed)
+    names, vs, keys = _tasks(vectors)
+    dtype = _compute_dtype(vs)
+    gens = [_task_generator(seed, n) for n in names]
+    scale = 1.0 / (1.0 - p)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key in keys:
+            acc: torch.Tensor | None = None
+            for v, g in zip(vs, gens):
+                t = _as(v[key], dtype)
+                u = torch.rand(t.shape, generator=g, dtype=dtype).to(t.device)  # U[0, 1); keep w.p. 1 − p
+                kept = torch.where(u >= p, t * scale, 0.0)
+                acc = kept if acc is None else acc + kept
+            out[key] = acc
+    return TaskVector(out)
+
+
+# ---------------------------------------------------------------------------------------------- Breadcrumbs
+def _breadcrumbs_mask(t: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Bool mask of the entries ranked in [⌊β·C⌋, ⌊(β+γ)·C⌋) by decreasing magnitude within each row.
+
+    Rows: a 0-/1-D tensor is one row; otherwise dim 0 indexes rows and the other dims are flattened
+    (C entries per row). Ties in magnitude are ranked by position (stable sort), so counts are exact.
+    """
+    if t.numel() == 0:
+        return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    rows = t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)  # (R, C)
+    c = rows.shape[1]
+    lo, hi = _count(beta, c), _count(min(1.0, beta + gamma), c)
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=t.device)
+    if hi > lo:
+        order = torch.argsort(rows.abs(), dim=1, descending=True, stable=True)  # (R, C) column ids
+        mask.scatter_(1, order[:, lo:hi], True)
+    return mask.reshape(t.shape)
+
+
+@MERGES.register("breadcrumbs")
+def merge_breadcrumbs(
+    vectors: Mapping[str, TaskVector], *, beta: float = 0.1, gamma: float = 0.2
+) -> TaskVector:
+    """Model Breadcrumbs: per task and per row, zero the top-``beta`` fraction by magnitude (outliers)
+    and everything below the next ``gamma`` fraction; sum the masked task vectors.
+
+    Counts per row of C entries are ⌊β·C⌋ dropped and ⌊(β+γ)·C⌋ − ⌊β·C⌋ kept (floors, as in the
+    official code), so very short rows (C < 1/γ) keep nothing. ``beta`` in [0, 1) (0: no outlier
+    removal), ``gamma`` in (0, 1], ``beta + gamma <= 1``.
+    """
+    beta = _real("beta", beta)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    gamma = _fraction("gamma", gamma)
+    if beta + gamma > 1.0 + 1e-9:
+        raise ValueError(f"beta + gamma must be <= 1, got {beta} + {gamma}")
+    _, vs, keys = _tasks(vectors)
+    dtype = _compute_dtype(vs)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key in keys:
+            acc: torch.Tensor | None = None
+            for v in vs:
+                t = _as(v[key], dtype)
+                kept = torch.where(_breadcrumbs_mask(t, beta, gamma), t, 0.0)
+                acc = kept if acc is None else acc + kept
+            out[key] = acc
+    return TaskVector(out)
+
+
+# ---------------------------------------------------------------------------------------------- TALL-masks
+def _check_lam(lam: Any) -> float:
+    lam = _real("lam", lam)
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam!r}")
+    return lam
+
+
+def _tall(vs: list[TaskVector], keys: list[str], lam: float, dtype: torch.dtype
+          ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+    """Per key: (key, τ_MTL, [m_t]) with τ_MTL = Σ_t τ_t and m_t = |τ_t| ≥ lam · |τ_MTL − τ_t| (bool)."""
+    for key in keys:
+        ts = [_as(v[key], dtype) for v in vs]
+        mtl = ts[0].clone()
+        for t in ts[1:]:
+            mtl += t  # mtl is a fresh tensor, never an input
+        yield key, mtl, [t.abs() >= lam * (mtl - t).abs() for t in ts]
+
+
+@MERGES.register("tall_masks")
+def merge_tall_masks(vectors: Mapping[str, TaskVector], *, lam: float = 0.2) -> dict[str, TaskVector]:
+    """TALL-masks: per task t, the edit m_t ⊙ τ_MTL with m_t = |τ_t| ≥ lam · |τ_MTL − τ_t|, τ_MTL = Σ τ_t.
+
+    Returns task -> TaskVector; each task is evaluated with its own edit. The paper's λ defaults differ
+    by domain (0.2 vision, 0.6 NLP); the domain passes its own ``lam``.
+    """
+    lam = _check_lam(lam)
+    names, vs, keys = _tasks(vectors)
+    dtype = _compute_dtype(vs)
+    per_task: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    with torch.no_grad():
+        for key, mtl, masks in _tall(vs, keys, lam, dtype):
+            for n, m in zip(names, masks):
+                per_task[n][key] = torch.where(m, mtl, 0.0)
+    return {n: TaskVector(d) for n, d in per_task.items()}
+
+
+@MERGES.register("consensus")
+def merge_consensus(vectors: Mapping[str, TaskVector], *, k: int = 2, lam: float = 0.2) -> TaskVector:
+    """Consensus Task Arithmetic: τ_MTL on the coordinates selected by at least ``k`` TALL masks, else 0.
+
+    ``k`` larger than the number of tasks selects nothing (a warning, and a zero vector).
+    """
+    k = _integer("k", k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
+    lam = _check_lam(lam)
+    names, vs, keys = _tasks(vectors)
+    if k > len(names):
+        warnings.warn(f"consensus k={k} exceeds the number of tasks ({len(names)}): the merge is zero",
+                      stacklevel=2)
+    dtype = _compute_dtype(vs)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, mtl, masks in _tall(vs, keys, lam, dtype):
+            votes = torch.stack(masks).sum(0)  # (*shape): number of tasks whose mask selects the entry
+            out[key] = torch.where(votes >= k, mtl, 0.0)
+    return TaskVector(out)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def _hparams_of(fn: MergeFn) -> dict[str, Any]:
+    """Keyword-only parameters of a merge function and their defaults (its hyperparameters)."""
+    out: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.KEYWORD_ONLY:
+            if p.default is p.empty:
+                raise TypeError(f"merge hyperparameter {p.name!r} of {fn.__name__} has no default")
+            out[p.name] = p.default
+    return out
+
+
+def _takes_any_kwargs(fn: MergeFn) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+#: method name -> {hyperparameter: default} for every method registered in this module.
+MERGE_HPARAMS: dict[str, dict[str, Any]] = {name: _hparams_of(MERGES.get(name)) for name in MERGES.names()}
+
+
+def merge(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> "TaskVector | dict[str, TaskVector]":
+    """Merge ``vectors`` with the registered method ``name``.
+
+    Unknown method names raise ValueError with the valid list; hyperparameters the method does not take
+    raise ValueError listing the accepted ones; out-of-range values raise ValueError from the method.
+    """
+    fn = MERGES.get(name)
+    accepted = _hparams_of(fn)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown and not _takes_any_kwargs(fn):
+        listed = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "none"
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for merge method {name!r}; "
+            f"accepted (with defaults): {listed}"
+        )
+    return fn(vectors, **hparams)
