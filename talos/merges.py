@@ -349,3 +349,20 @@ def merge(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> "Task
             f"accepted (with defaults): {listed}"
         )
     return fn(vectors, **hparams)
+
+
+def add_merge_flags(parser: Any, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Add one flag per merge hyperparameter (``--ties-k``, ``--dare-p``, ``--tall-masks-lam`` ...) to an
+    argparse parser; ``overrides`` holds a domain's own defaults (e.g. TALL-masks λ = 0.6 for nlp)."""
+    g = parser.add_argument_group("merge hyperparameters (used by the chosen --merge only)")
+    for method, hps in MERGE_HPARAMS.items():
+        for hp, default in hps.items():
+            default = dict((overrides or {}).get(method, {})).get(hp, default)
+            g.add_argument(f"--{method.replace('_', '-')}-{hp}", dest=f"merge_{method}_{hp}", type=type(default),
+                           default=default, help=f"{method}: {hp}")
+
+
+def merge_kwargs_from_args(args: Any, method: str) -> dict[str, Any]:
+    """The hyperparameters of ``method`` taken from flags added by :func:`add_merge_flags`."""
+    MERGES.get(method)  # unknown names raise with the valid list
+    return {hp: getattr(args, f"merge_{method}_{hp}") for hp in MERGE_HPARAMS[method]}

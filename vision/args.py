@@ -21,6 +21,8 @@ EPOCHS = {
 #: Calibration batch size per model (official code); other models default to 16.
 CALIBRATION_BATCH_SIZE = {"ViT-B-32": 64, "ViT-B-16": 16, "ViT-L-14": 2}
 DEFAULT_CALIBRATION_BATCH_SIZE = 16
+#: Vision defaults of merge hyperparameters that differ by domain (TALL-masks / Consensus λ = 0.2).
+MERGE_DEFAULTS = {"tall_masks": {"lam": 0.2}, "consensus": {"lam": 0.2}}
 #: The eight tasks of the paper and the negation control.
 TASKS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
 CONTROL = "ImageNet"
@@ -33,7 +35,7 @@ def _csv(s: str) -> list[str]:
 def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> argparse.ArgumentParser:
     """The single parser shared by all vision scripts."""
     from talos.fisher import TARGETS
-    from talos.merges import MERGES
+    from talos.merges import MERGES, add_merge_flags
     from talos.modes import MODES
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -85,6 +87,7 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
                    help="negation keeps control accuracy >= this x zero-shot")
     g.add_argument("--merge", default="sum", help=f"one of: {', '.join(MERGES.names())}")
     g.add_argument("--eval-batch-size", type=int, default=256)
+    add_merge_flags(p, MERGE_DEFAULTS)
     g = p.add_argument_group("runs")
     g.add_argument("--save", default="runs", help="root folder of all artifacts")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")

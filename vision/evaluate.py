@@ -19,6 +19,7 @@ if __package__ in (None, ""):
 
 from talos import evaluation
 from talos.io import atomic_write_json, read_json
+from talos.merges import merge_kwargs_from_args
 from talos.report import update_results
 from talos.runinfo import run_metadata, seed_everything
 from talos.tracking import Tracker
@@ -57,7 +58,7 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_datasets(tasks + ([args.control_dataset] if protocol == "negation" else []), args.data_location)
     extra: dict[str, Any] = {}
     if protocol == "addition":
-        extra = {"merge": args.merge}
+        extra = {"merge": args.merge, "merge_kwargs": merge_kwargs_from_args(args, args.merge)}
     elif protocol == "negation":
         extra = {"control": args.control_dataset, "threshold": args.control_threshold}
     run = eval_run(args, protocol, extra)
@@ -79,7 +80,7 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
             ft = single_task_results(args, ev, tvs)["val"], single_task_results(args, ev, tvs)["test"]
             result = evaluation.task_addition(
                 ev, tvs, {"val": ft[0]["finetuned"], "test": ft[1]["finetuned"]}, merge_method=args.merge,
-                n_points=args.n_eval_points,
+                merge_kwargs=extra["merge_kwargs"], n_points=args.n_eval_points,
                 on_point=lambda a, accs: tracker.log({f"addition/val/{t}": v for t, v in accs.items()}))
         else:
             result = evaluation.task_negation(ev, tvs, args.control_dataset, threshold=args.control_threshold,

@@ -142,3 +142,13 @@ def test_zeroshot_head_shape_and_norm():
     torch.testing.assert_close(norms, torch.full((3,), float(clip.logit_scale.exp())), rtol=1e-5, atol=1e-5)
     logits = ImageClassifier(clip.visual, head)(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 3)
+
+
+def test_merge_flags_reach_the_merge(data, tmp_path):
+    from talos.merges import MERGE_HPARAMS, merge_kwargs_from_args
+    from vision.args import parse_args
+
+    args = parse_args(common(data, tmp_path, "--merge", "ties", "--ties-k", "0.2", "--tall-masks-lam", "0.6"))
+    assert merge_kwargs_from_args(args, "ties") == {"k": 0.2}
+    assert merge_kwargs_from_args(args, "tall_masks") == {"lam": 0.6}
+    assert merge_kwargs_from_args(args, "dare") == MERGE_HPARAMS["dare"]
