@@ -17,7 +17,7 @@ COMMON=(--model talos-tiny-vit --pretrained none --data-location "$DATA" --save 
         --eval-datasets "$TASKS" --control-dataset SynthControl --batch-size 32 --lr 1e-3 --warmup-length 5
         --calibration-batch-size 16 --eval-batch-size 128 --num-workers 0 --device cpu --no-progress
         --results-json "$OUT/results.json")
-MODES=$($PY -c "from talos.modes import MODES; print(' '.join(MODES.names()))")
+MODES=$($PY -c "from talos.modes import run_order; print(' '.join(run_order()))")
 MERGES=$($PY -c "from talos.merges import MERGES; print(' '.join(MERGES.names()))")
 for mode in $MODES; do
   for task in ${TASKS//,/ }; do

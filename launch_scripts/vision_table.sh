@@ -12,7 +12,7 @@ PY=${PYTHON:-python}
 TASKS=(Cars DTD EuroSAT GTSRB MNIST RESISC45 SUN397 SVHN)
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 COMMON=(--model "$MODEL" --data-location "$DATA" --save "$SAVE" --results-json "$SAVE/$MODEL-results.json" "${EXTRA[@]}")
-MODES=$($PY -c "from talos.modes import MODES; print(' '.join(MODES.names()))")
+MODES=$($PY -c "from talos.modes import run_order; print(' '.join(run_order()))")
 MERGES=$($PY -c "from talos.merges import MERGES; print(' '.join(MERGES.names()))")
 for mode in $MODES; do
   for task in "${TASKS[@]}"; do

@@ -60,6 +60,10 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
                    help="calibration batches per round (default: the whole <Task>Val split)")
     g.add_argument("--calibration-batch-size", type=int, default=None,
                    help=f"default: preset per model {CALIBRATION_BATCH_SIZE}, else {DEFAULT_CALIBRATION_BATCH_SIZE}")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA / L-LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA / L-LoRA alpha")
+    g.add_argument("--lora-scaling", default="alpha", choices=["alpha", "alpha_over_rank"],
+                   help="LoRA update multiplier: alpha (the official vision code) or alpha / rank (peft)")
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze class/positional embeddings and the output projection (exactly sparse task "
                         "vectors); off reproduces the official code, which trains them densely")
@@ -120,6 +124,8 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
         raise ValueError("--calibration-rounds must be >= 1")
     if not (0.0 <= args.soft_mask <= 1.0):
         raise ValueError("--soft-mask must be in [0, 1]")
+    if args.lora_rank < 1 or args.lora_alpha <= 0:
+        raise ValueError("--lora-rank must be >= 1 and --lora-alpha > 0")
     if args.fisher_draws < 1:
         raise ValueError("--fisher-draws must be >= 1")
     if args.calibration_batches is not None and args.calibration_batches < 1:
@@ -183,6 +189,8 @@ def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
     }
     if mode.sparse:
         h["sparsity"] = args.sparsity
+    if mode.uses_lora:
+        h.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_scaling=args.lora_scaling)
     if mode.needs_calibration:
         h.update(rounds=args.calibration_rounds, soft_mask=args.soft_mask, fisher_target=args.fisher_target,
                  fisher_draws=args.fisher_draws, calibration_batches=args.calibration_batches,

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from talos.io import load_tensors, save_tensors
+from talos.linearize import LinearizedModel
+from talos.modes import get_mode
 from talos.paths import EvalRun, FinetuneRun, head_path
 from talos.task_vector import TaskVector
 
@@ -94,11 +96,16 @@ def logits_forward(model: torch.nn.Module, batch: Any) -> Tensor:
 
 
 class Evaluator:
-    """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split (talos.evaluation's interface)."""
+    """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split (talos.evaluation's interface).
 
-    def __init__(self, setup: VisionSetup) -> None:
+    With ``linearized`` the model is its first-order Taylor expansion around θ0 (linear, post-hoc, L-LoRA).
+    """
+
+    def __init__(self, setup: VisionSetup, linearized: bool = False) -> None:
         self.setup = setup
         self.theta0 = setup.trainable_state()
+        self.linearized = linearized
+        self._lin = LinearizedModel(setup.classifier, list(self.theta0)) if linearized else None
         self._zs: dict[tuple[str, str], float] = {}
 
     def _apply(self, edit: TaskVector | None) -> None:
@@ -115,6 +122,8 @@ class Evaluator:
     @torch.no_grad()
     def accuracy(self, task: str, split: str) -> float:
         model = self.setup.use_task(task).eval()
+        if self._lin is not None:
+            model = self._lin.eval()
         ds = self.setup.dataset(task, split)
         correct = total = 0
         dev = self.setup.device
@@ -136,15 +145,20 @@ class Evaluator:
         return acc
 
 
-def load_task_vectors(args: argparse.Namespace, tasks: list[str]) -> dict[str, TaskVector]:
-    """The task vectors of ``tasks`` for ``args``' mode; a missing one says which command produces it."""
+def load_task_vectors(args: argparse.Namespace, tasks: list[str], mode: str | None = None) -> dict[str, TaskVector]:
+    """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode evaluates);
+    a missing one says which command produces it."""
+    if mode is None:
+        m = get_mode(args.finetuning_mode)
+        mode = m.source_mode or m.name
+    margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
     out = {}
     for t in tasks:
-        run = finetune_run(args, t)
+        run = finetune_run(margs, t)
         if not run.task_vector.exists():
             raise FileNotFoundError(
-                f"no task vector for {t} ({args.finetuning_mode}) at {run.task_vector}; run: python vision/finetune.py "
-                f"--train-dataset {t} --finetuning-mode {args.finetuning_mode} --model {args.model} "
+                f"no task vector for {t} ({mode}) at {run.task_vector}; run: python vision/finetune.py "
+                f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} "
                 f"--save {args.save} (with the same hyperparameters)"
             )
         out[t] = TaskVector.load(run.task_vector)

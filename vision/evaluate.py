@@ -20,6 +20,7 @@ if __package__ in (None, ""):
 from talos import evaluation
 from talos.io import atomic_write_json, read_json
 from talos.merges import merge_kwargs_from_args
+from talos.modes import get_mode
 from talos.report import update_results
 from talos.runinfo import run_metadata, seed_everything
 from talos.tracking import Tracker
@@ -73,7 +74,7 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
                           name=f"{args.model}-{args.finetuning_mode}-{protocol}-{run.hash}",
                           config=vars(args), dir=run.dir)
         setup = VisionSetup(args)
-        ev = Evaluator(setup)
+        ev = Evaluator(setup, linearized=get_mode(args.finetuning_mode).eval_linearized)
         if protocol == "single_task":
             result = single_task_results(args, ev, tvs)
         elif protocol == "addition":

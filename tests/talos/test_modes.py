@@ -1,0 +1,162 @@
+"""Baseline modes in isolation: linearized model, LoRA / L-LoRA algebra, LoTA and ablation masks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from talos.linearize import LinearizedModel
+from talos.lora import LoRAAdapters
+from talos.modes import MODES, ModeContext, get_mode, global_lowest
+from talos.task_vector import TaskVector
+
+from .conftest import ToyViT, image_batches
+
+
+def test_linearized_model_is_first_order_taylor():
+    torch.manual_seed(0)
+    model = ToyViT().eval()
+    names = [n for n, _ in model.named_parameters()]
+    lin = LinearizedModel(model, names)
+    x = image_batches(1, 3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), model(x), rtol=0, atol=1e-6)  # at θ = θ0
+    named = dict(model.named_parameters())
+    delta = {n: torch.randn_like(p) for n, p in named.items()}
+    # f_lin(θ0 + εδ) = f(θ0) + ε J δ: compare with central finite differences of f
+    eps = 1e-3
+    with torch.no_grad():
+        f0 = model(x)
+        for n in names:
+            named[n].add_(eps * delta[n])
+        f_plus, lin_plus = model(x), lin(x)
+        for n in names:
+            named[n].sub_(2 * eps * delta[n])
+        f_minus = model(x)
+        for n in names:
+            named[n].add_(eps * delta[n])
+    jvp_fd = (f_plus - f_minus) / 2
+    torch.testing.assert_close(lin_plus - f0, jvp_fd, rtol=1e-2, atol=1e-4)
+    # and it is exactly linear in θ − θ0
+    with torch.no_grad():
+        for n in names:
+            named[n].add_(2 * eps * delta[n])
+        lin2 = lin(x)
+        for n in names:
+            named[n].sub_(2 * eps * delta[n])
+    torch.testing.assert_close(lin2 - f0, 2 * (lin_plus - f0), rtol=1e-4, atol=1e-6)
+
+
+def _mha_targets(model):
+    E = model.attn.embed_dim
+    return {"attn.in_proj_weight": [slice(0, E), slice(2 * E, 3 * E)], "mlp.0.weight": None}
+
+
+def test_lora_is_a_noop_at_init_and_trains_only_adapters():
+    torch.manual_seed(0)
+    model = ToyViT()
+    x = image_batches(1, 3)[0]
+    ref = model(x).detach()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = ModeContext(model, [n for n, _ in model.named_parameters()], lora_targets=_mha_targets, lora_rank=2)
+    state = get_mode("lora").prepare(ctx, None)
+    torch.testing.assert_close(state.model(x), ref, rtol=0, atol=0)  # B = 0: exactly the base model
+    assert all("lora" in n for n, _ in state.named_params)
+    frozen = [p for n, p in model.named_parameters() if "slots" not in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    opt = torch.optim.SGD([p for _, p in state.named_params], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(state.model(x), torch.tensor([0, 1, 2])).backward()
+        opt.step()
+    tv = state.task_vector()
+    assert set(tv.keys()) == {"attn.in_proj_weight", "mlp.0.weight"}
+    E = model.attn.embed_dim
+    assert not tv["attn.in_proj_weight"][E:2 * E].any() and tv["attn.in_proj_weight"][:E].any()
+    out_lora = state.model(x).detach()
+    state.cleanup()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base untouched
+    # the merged update reproduces the adapted model
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in tv.keys():
+            named[n].add_(tv[n])
+        torch.testing.assert_close(model(x), out_lora, rtol=1e-5, atol=1e-6)
+
+
+def test_llora_output_is_linear_in_adapter_parameters():
+    torch.manual_seed(0)
+    model = ToyViT().eval()
+    x = image_batches(1, 2)[0]
+    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=2)
+    state = get_mode("llora").prepare(ctx, None)
+    lin = state.model
+    params = [p for _, p in state.named_params]
+    with torch.no_grad():
+        f0 = lin(x)
+        init = [p.clone() for p in params]
+        d = [torch.randn_like(p) for p in params]
+        for p, i, dd in zip(params, init, d):
+            p.copy_(i + dd)
+        f1 = lin(x)
+        for p, i, dd in zip(params, init, d):
+            p.copy_(i + 2 * dd)
+        f2 = lin(x)
+    torch.testing.assert_close(f2 - f0, 2 * (f1 - f0), rtol=1e-4, atol=1e-5)
+    # its task vector, evaluated through the linearized base model, gives the same outputs
+    tv = state.task_vector()
+    base_lin = LinearizedModel(model, list(tv.keys()))
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in tv.keys():
+            named[n].add_(tv[n])
+        torch.testing.assert_close(base_lin(x), f2, rtol=1e-4, atol=1e-5)
+
+
+def test_lota_and_ablation_masks():
+    torch.manual_seed(0)
+    model = ToyViT()
+    eligible = [n for n, _ in model.named_parameters() if n != "pos"]
+    named = dict(model.named_parameters())
+    tau = TaskVector({n: torch.randn_like(named[n]) for n in eligible})
+    ctx = ModeContext(model, eligible, sparsity=0.8, load_task_vector=lambda m: tau)
+    N = sum(named[n].numel() for n in eligible)
+    for name in ("lota", "random_mask", "magnitude_mask"):
+        masks = get_mode(name).masks(ctx)
+        assert sum(int(m.sum()) for m in masks.values()) == int(0.2 * N + 1e-6)
+    lota = get_mode("lota").masks(ctx)
+    kept = torch.cat([tau[n].abs()[lota[n]] for n in eligible])
+    dropped = torch.cat([tau[n].abs()[~lota[n]] for n in eligible])
+    assert kept.min() >= dropped.max()  # the largest |τ| are trainable
+    mag = get_mode("magnitude_mask").masks(ctx)
+    kept = torch.cat([named[n].detach().abs()[mag[n]] for n in eligible])
+    dropped = torch.cat([named[n].detach().abs()[~mag[n]] for n in eligible])
+    assert kept.max() <= dropped.min()
+    r1, r2 = get_mode("random_mask").masks(ctx), get_mode("random_mask").masks(ctx)
+    assert all(torch.equal(r1[n], r2[n]) for n in eligible)  # seeded
+
+
+def test_global_lowest_exact_count_with_ties():
+    m = global_lowest({"a": torch.zeros(5), "b": torch.zeros(5)}, 0.3)
+    assert m["a"].tolist() == [True, True, True, False, False] and not m["b"].any()
+
+
+def test_lota_without_standard_vector_raises():
+    model = ToyViT()
+    with pytest.raises(ValueError, match="load_task_vector"):
+        get_mode("lota").masks(ModeContext(model, ["head.weight"]))
+
+
+def test_lora_bad_settings_raise():
+    model = ToyViT()
+    with pytest.raises(ValueError, match="rank"):
+        LoRAAdapters(model, {"mlp.0.weight": None}, rank=0)
+    with pytest.raises(ValueError, match="scaling"):
+        LoRAAdapters(model, {"mlp.0.weight": None}, scaling="weird")
+    with pytest.raises(ValueError, match="2-D"):
+        LoRAAdapters(model, {"mlp.0.bias": None})
+
+
+def test_every_mode_is_exercised_here_or_in_the_cli_test():
+    assert set(MODES.names()) == {"standard", "talos", "linear", "posthoc", "lora", "llora", "lota",
+                                  "random_mask", "magnitude_mask"}
