@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from .fisher import ForwardFn, _build_plan, _chunk_default, _Plan, _score_batches, _scoring_mode, _validate
 from .fisher import _Workspace, resolve_params
+from . import distributed as dist
 
 logger = logging.getLogger("talos")
 
@@ -198,8 +199,12 @@ def calibrate_masks(
     total = sum(named[n].numel() for n in names)
     keep = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
 
+    # Label draws are seeded per batch (from one draw of `generator` per round), and batch scores are summed
+    # in float64: masks are then identical whether one process or several ranks (torchrun) score the data.
     for r, d_r in enumerate(densities, start=1):
         k = kept_count(d_r, total)
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed_of = lambda b, base=base: torch.Generator().manual_seed(base + b)  # noqa: E731
         data = batches if max_batches is None else itertools.islice(batches, max_batches)
         bar = None
         if progress:
@@ -211,9 +216,14 @@ def calibrate_masks(
             bar = tqdm(total=n_bar, desc=f"calibration round {r}/{rounds}", leave=False)
         try:
             with soft_masked(plan, keep, soft_mask), _scoring_mode(model, leaves):
+                totals = {n: torch.zeros_like(named[n], dtype=torch.float64) for n in names}
                 scores, n_batches = _score_batches(
-                    model, plan, data, forward_fn, target, draws, generator, ws, progress=bar
+                    model, plan, data, forward_fn, target, draws, None, ws, progress=bar, batch_generator=seed_of,
+                    owns=lambda b: b % dist.world_size() == dist.rank(), totals=totals,
                 )
+            counts = torch.tensor([float(n_batches)], dtype=torch.float64, device=next(iter(scores.values())).device)
+            dist.all_reduce_sum_(list(scores.values()) + [counts])
+            n_batches = int(counts.item())
         finally:
             if bar is not None:
                 bar.close()

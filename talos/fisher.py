@@ -503,12 +503,28 @@ def _score_batches(
     generator: torch.Generator | None,
     ws: _Workspace,
     progress: Any = None,
+    batch_generator: Callable[[int], torch.Generator] | None = None,
+    owns: Callable[[int], bool] | None = None,
+    totals: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], int]:
+    """Score ``batches``; returns per-parameter sums and the number of batches scored.
+
+    ``batch_generator(b)`` gives the label-draw generator of batch ``b`` (instead of one shared
+    ``generator``), ``owns(b)`` skips batches another rank scores, and ``totals`` (float64) receives each
+    batch's float32 scores once the batch is done, so the sum does not depend on how batches are split.
+    """
     scores = {n: torch.zeros_like(t.leaf(), dtype=torch.float32) for n, t in plan.targets.items()}
     warned: set[str] = set()
     n_batches = 0
-    for batch in batches:
+    for b, batch in enumerate(batches):
+        if owns is not None and not owns(b):
+            continue
         n_batches += 1
+        if batch_generator is not None:
+            generator = batch_generator(b)
+        if totals is not None:
+            for v in scores.values():
+                v.zero_()
         with _recording(model, plan, ws) as rec:
             out = forward_fn(model, batch)
         if out.dim() != 2:
@@ -573,9 +589,12 @@ def _score_batches(
                         if g is not None:
                             scores[n] += g.float().square()
         del out, obj, rec
+        if totals is not None:
+            for n, v in scores.items():
+                totals[n] += v
         if progress is not None:
             progress.update(1)
-    return scores, n_batches
+    return (totals if totals is not None else scores), n_batches
 
 
 def _batch_dim(t: Tensor, B: int) -> int | None:

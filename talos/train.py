@@ -13,6 +13,7 @@ tensors, optimizer, scheduler and RNG states, so an interrupted run resumes to t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist
 from .io import atomic_torch_save, torch_load
 from .optim import MaskedAdamW, freeze_masked_out
 
@@ -159,6 +161,49 @@ def _epoch_batches(n: int, batch_size: int, micro: int, seed: int, epoch: int) -
     return steps
 
 
+def _rank_share(micro_batches: list[list[int]], rank: int, world: int, accumulation: int) -> list[list[int]]:
+    """Split one optimizer step's examples contiguously over ranks, then into ``accumulation`` micro-batches.
+
+    A rank left without examples (a final batch smaller than the world) gets the step's first example as a
+    placeholder, marked by a negative index (-1 - i); it is loaded but contributes zero weight.
+    """
+    flat = [i for mb in micro_batches for i in mb]
+    per = -(-len(flat) // world)
+    mine = flat[rank * per : (rank + 1) * per]
+    if not mine:
+        return [[-1 - flat[0]]]
+    size = -(-len(mine) // accumulation)
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+def _count(mb: list[int]) -> int:
+    return sum(1 for i in mb if i >= 0)
+
+
+class _Indices(torch.utils.data.Sampler):
+    """Batch sampler over precomputed micro-batches (placeholder indices mapped back to real ones)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for mb in self.batches:
+            yield [i if i >= 0 else -1 - i for i in mb]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _global_count(micro_batches: list[list[int]], world: int, device: torch.device) -> int:
+    """Examples in the whole optimizer step (all ranks)."""
+    n = sum(_count(mb) for mb in micro_batches)
+    if world > 1:
+        t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        dist.all_reduce_sum_([t])
+        n = int(t.item())
+    return max(1, n)
+
+
 def train(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -180,12 +225,20 @@ def train(
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. ``stop_after`` ends the run after that
     many optimizer steps (used by tests to simulate an interruption; the checkpoint is written first).
     Returns a summary dict (steps, last loss, seconds).
+
+    Under ``torchrun`` the model is wrapped in DistributedDataParallel: each optimizer step's global batch
+    (``cfg.batch_size`` examples) is split over ranks, so batch size, accumulation and the learning-rate
+    schedule keep their single-process meaning; only rank 0 writes the checkpoint and calls ``on_log``.
     """
     cfg.validate()
     device = torch.device(device)
     n = len(dataset)
     if n == 0:
         raise ValueError("training dataset is empty")
+    world, rank = dist.world_size(), dist.rank()
+    if cfg.batch_size % (cfg.accumulation * world):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of accumulation x world size "
+                         f"({cfg.accumulation} x {world})")
     micro = cfg.batch_size // cfg.accumulation
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch  # type: ignore[operator]
@@ -208,24 +261,38 @@ def train(
                 named[k].copy_(v)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        rngs = state["rng"]
+        _set_rng_state(rngs[rank] if isinstance(rngs, list) and len(rngs) == world else
+                       (rngs[0] if isinstance(rngs, list) else rngs))
         step = int(state["step"])
         logger.info("resumed from %s at step %d/%d", ckpt, step, total)
 
     def save_checkpoint() -> None:
         if ckpt is None:
             return
-        atomic_torch_save(ckpt, {
-            "step": step,
-            "params": {n_: p.detach().cpu() for n_, p in named_params},
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": _rng_state(),
-            "config": asdict(cfg),
-        })
+        rngs = [_rng_state()]
+        if world > 1:  # every rank's RNG (augmentations differ per rank), saved by rank 0
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, _rng_state())
+        if dist.is_main():
+            atomic_torch_save(ckpt, {
+                "step": step,
+                "params": {n_: p.detach().cpu() for n_, p in named_params},
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rngs,
+                "config": asdict(cfg),
+            })
+        dist.barrier()
+
+    runner = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     bar = None
-    if progress:
+    if progress and dist.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc="fine-tuning", leave=False)
@@ -236,9 +303,11 @@ def train(
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         plan = _epoch_batches(n, cfg.batch_size, micro, cfg.seed, epoch)[in_epoch:]
+        if world > 1:  # this rank's contiguous share of each global batch, in micro-batches
+            plan = [_rank_share(step_mbs, rank, world, cfg.accumulation) for step_mbs in plan]
         flat = [mb for s in plan for mb in s]
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=flat, num_workers=cfg.num_workers, collate_fn=collate_fn,
+            dataset, batch_sampler=_Indices(flat), num_workers=cfg.num_workers, collate_fn=collate_fn,
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
             pin_memory=device.type == "cuda",
         )
@@ -246,15 +315,23 @@ def train(
         for micro_batches in plan:
             if step >= total:
                 break
-            batch_n = sum(len(mb) for mb in micro_batches)
+            batch_n = _global_count(micro_batches, world, device)
             loss_sum = 0.0
-            for mb in micro_batches:
+            for i, mb in enumerate(micro_batches):
                 batch = next(it)
-                with autocast:
-                    loss = loss_fn(model, batch)
-                # weight each micro-batch by its share so the gradient is the mean over the global batch
-                (loss * (len(mb) / batch_n)).backward()
-                loss_sum += float(loss.detach()) * len(mb) / batch_n
+                last = i == len(micro_batches) - 1
+                sync = runner.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        loss = loss_fn(runner, batch)
+                    # weight each micro-batch by its share of the global batch; DDP averages over ranks,
+                    # hence the factor world: the gradient is the mean over the whole global batch
+                    (loss * (_count(mb) * world / batch_n)).backward()
+                loss_sum += float(loss.detach()) * _count(mb) / batch_n
+            if world > 1:
+                t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+                dist.all_reduce_sum_([t])
+                loss_sum = float(t.item())
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
             opt.step()
@@ -265,7 +342,7 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
-            if on_log is not None and (step % cfg.log_every == 0 or step == total):
+            if on_log is not None and dist.is_main() and (step % cfg.log_every == 0 or step == total):
                 on_log(step, {"train/loss": loss_sum, "train/lr": opt.param_groups[0]["lr"], "train/epoch": epoch})
             if step % cfg.checkpoint_every == 0 or (stop_after is not None and step >= stop_after):
                 save_checkpoint()

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from talos import distributed as dist
 from talos.io import load_tensors, save_tensors
 from talos.linearize import LinearizedModel
 from talos.modes import get_mode
@@ -62,7 +63,8 @@ class VisionSetup:
             else:
                 w = zeroshot_head(self._clip.to(self.device), self.tokenizer, classnames, templates, str(self.device))
                 self._clip.to("cpu")
-                save_tensors(path, {"head": w})
+                if dist.is_main():
+                    save_tensors(path, {"head": w})
             self._heads[name] = w
         return self._heads[name]
 
@@ -125,6 +127,8 @@ class Evaluator:
         if self._lin is not None:
             model = self._lin.eval()
         ds = self.setup.dataset(task, split)
+        if dist.is_distributed():  # each rank evaluates every world_size-th example; counts are summed
+            ds = torch.utils.data.Subset(ds, list(range(dist.rank(), len(ds), dist.world_size())))
         correct = total = 0
         dev = self.setup.device
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.setup.args.precision == "bf16")
@@ -133,7 +137,9 @@ class Evaluator:
                 pred = model(x.to(dev, non_blocking=True)).argmax(-1).cpu()
             correct += int((pred == y).sum())
             total += len(y)
-        return correct / max(1, total)
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=dev)
+        dist.all_reduce_sum_([counts])
+        return float(counts[0]) / max(1.0, float(counts[1]))
 
     def __call__(self, edit: TaskVector | None, task: str, split: str) -> float:
         if edit is None and (task, split) in self._zs:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from talos import distributed as dist
 from talos import evaluation
 from talos.io import atomic_write_json, read_json
 from talos.merges import merge_kwargs_from_args
@@ -45,7 +46,9 @@ def single_task_results(args, ev, tvs) -> dict[str, Any]:
     if run.results.exists():
         return read_json(run.results)
     res = _single_task(args, ev, tvs)
-    atomic_write_json(run.results, res)
+    if dist.is_main():
+        atomic_write_json(run.results, res)
+    dist.barrier()
     return res
 
 
@@ -55,6 +58,7 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, description=__doc__)
+    args.device = dist.init_from_env(args.device)  # torchrun: evaluation batches are sharded over ranks
     tasks = list(args.eval_datasets)
     check_datasets(tasks + ([args.control_dataset] if protocol == "negation" else []), args.data_location)
     extra: dict[str, Any] = {}
@@ -69,8 +73,9 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         seed_everything(args.seed)
         tvs = load_task_vectors(args, tasks)  # fails fast (with the command to run) if one is missing
-        run.write_config({"args": vars(args), **run_metadata(list(argv) if argv is not None else None)})
-        tracker = Tracker(args.wandb, project=args.wandb_project, entity=args.wandb_entity,
+        if dist.is_main():
+            run.write_config({"args": vars(args), **run_metadata(list(argv) if argv is not None else None)})
+        tracker = Tracker(args.wandb and dist.is_main(), project=args.wandb_project, entity=args.wandb_entity,
                           name=f"{args.model}-{args.finetuning_mode}-{protocol}-{run.hash}",
                           config=vars(args), dir=run.dir)
         setup = VisionSetup(args)
@@ -86,10 +91,12 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result = evaluation.task_negation(ev, tvs, args.control_dataset, threshold=args.control_threshold,
                                               n_points=args.n_eval_points)
-        atomic_write_json(run.results, result)
+        if dist.is_main():
+            atomic_write_json(run.results, result)
+        dist.barrier()
         tracker.summary({f"{protocol}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         tracker.finish()
-    if args.results_json:
+    if args.results_json and dist.is_main():
         _export(args, protocol, result)
     logger.info("%s: %s", protocol, {k: v for k, v in result.items() if isinstance(v, (int, float))})
     return result

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # `python vision/finetune.py` from the repository
 
 import torch
 
+from talos import distributed as dist
 from talos.calibration import format_mask_report, mask_report
 from talos.io import atomic_write_json, load_tensors, read_json, save_tensors
 from talos.modes import ModeContext, get_mode
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or skip, or resume) one fine-tuning job; returns its metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, need_train_dataset=True, description=__doc__)
+    args.device = dist.init_from_env(args.device)  # torchrun: join the process group, one GPU per rank
+    main_rank = dist.is_main()
     task = args.train_dataset
     check_datasets([task], args.data_location)  # fail before loading any model
     mode = get_mode(args.finetuning_mode)
@@ -50,9 +53,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return read_json(run.metrics)
     for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
         load_task_vectors(args, [task], mode=req)
-    config = {"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)}
-    run.write_config(config)
-    tracker = Tracker(args.wandb, project=args.wandb_project, entity=args.wandb_entity,
+    config = {"args": dict(vars(args)), "world_size": dist.world_size(),
+              **run_metadata(list(argv) if argv is not None else None)}
+    if main_rank:
+        run.write_config(config)
+    tracker = Tracker(args.wandb and main_rank, project=args.wandb_project, entity=args.wandb_entity,
                       name=f"{args.model}-{args.finetuning_mode}-{task}-{run.hash}", config=config,
                       group=f"{args.model}-{args.finetuning_mode}", dir=run.dir)
     seed_everything(args.seed)
@@ -81,10 +86,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             masks = load_tensors(run.mask)
             logger.info("loaded mask from %s", run.mask)
         else:
-            masks = mode.masks(ctx)
-            save_tensors(run.mask, masks)
-            atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
-            logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
+            masks = mode.masks(ctx)  # identical on every rank (Fisher sums are all-reduced)
+            if main_rank:
+                save_tensors(run.mask, masks)
+                atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
+                logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
 
     # --- fine-tuning -----------------------------------------------------------------------------------
     theta0 = setup.trainable_state()
@@ -110,17 +116,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- artifacts -------------------------------------------------------------------------------------
     tv = state.task_vector()
     state.cleanup()
-    save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
-    tv.save(run.task_vector)
     metrics = {**summary, "task_vector_density": tv.density(), "task_vector_norm": tv.norm(),
                "trainable_entries": int(sum(p.numel() if state.masks is None or n not in state.masks
                                             else int(state.masks[n].sum()) for n, p in state.named_params))}
+    if not main_rank:  # only rank 0 writes artifacts
+        dist.barrier()
+        return metrics
+    save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
+    tv.save(run.task_vector)
     atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
     run.checkpoint.unlink(missing_ok=True)
     tracker.summary(metrics)
     tracker.finish()
     logger.info("done: %s (%d steps, loss %.4f, task-vector density %.4f)", run.dir, summary["steps"],
                 summary["loss"], metrics["task_vector_density"])
+    dist.barrier()
     return metrics
 
 
