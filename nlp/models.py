@@ -131,6 +131,7 @@ def load_model(
         model = auto.from_pretrained(resolve_model_name(name), cache_dir=cache_dir, dtype=torch.float32,
                                      attn_implementation=attn_implementation)
     model.float()
+    register_fisher_rules(model)
     return model, kind
 
 
@@ -223,36 +224,68 @@ RMS_NORM_CLASSES = (
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
     ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
 )
-_registered = False
+_registered: set[type] = set()
 
 
-def register_fisher_rules() -> list[str]:
-    """Register the NLP per-example rules with talos (idempotent); returns the class names covered."""
-    global _registered
-    import importlib
+def _accepts_rms(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 1 and getattr(m, "bias", None) is None
 
+
+def _register(cls: type, **kw: Any) -> None:
     from talos.fisher import register_per_example_rule
 
-    done = []
-    if _registered:
-        return done
-    for module, cls_name in RMS_NORM_CLASSES:
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError):
-            continue
-        register_per_example_rule(
-            cls, rms_norm_rule,
-            accepts=lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1
-            and getattr(m, "bias", None) is None,
-        )
-        done.append(cls_name)
+    if cls not in _registered:
+        register_per_example_rule(cls, **kw)
+        _registered.add(cls)
+
+
+def register_fisher_rules(model: nn.Module | None = None) -> list[str]:
+    """Register the NLP per-example rules with talos (idempotent); returns the class names covered.
+
+    GPT-2's ``Conv1D`` is registered on import. RMS norms are registered for the classes of ``model`` that are
+    listed in :data:`RMS_NORM_CLASSES` (``load_model`` does this), or, without a model, for every listed class
+    (importing their modeling files).
+    """
+    import importlib
+
     from transformers.pytorch_utils import Conv1D
 
-    register_per_example_rule(Conv1D, factory=_conv1d_rule)
-    done.append("Conv1D")
-    _registered = True
-    return done
+    _register(Conv1D, factory=_conv1d_rule)
+    names = {cls_name for _, cls_name in RMS_NORM_CLASSES}
+    if model is not None:
+        classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    else:
+        classes = set()
+        for module, cls_name in RMS_NORM_CLASSES:
+            try:
+                classes.add(getattr(importlib.import_module(module), cls_name))
+            except (ImportError, AttributeError):
+                continue
+    for cls in classes:
+        _register(cls, rule=rms_norm_rule, accepts=_accepts_rms)
+    return sorted(c.__name__ for c in _registered)
 
 
-register_fisher_rules()
+register_fisher_rules(model=nn.Module())  # Conv1D now; norm classes when a model is loaded
+
+
+def lora_targets(model: nn.Module) -> dict[str, None]:
+    """LoRA targets: the query and value projections of every attention (all rows).
+
+    T5: ``q`` / ``v`` of self- and cross-attention (peft's default for T5); Llama/Qwen/Mistral: ``q_proj`` /
+    ``v_proj``; GPT-2 fuses q, k, v into one ``Conv1D`` (``c_attn``), which is adapted as a whole (peft's
+    default for GPT-2), since its q and v are column blocks of a [in, 3d] weight.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    out: dict[str, None] = {}
+    for name, mod in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(mod, nn.Linear) and leaf in ("q", "v", "q_proj", "v_proj"):
+            out[f"{name}.weight"] = None
+        elif isinstance(mod, Conv1D) and leaf == "c_attn":
+            out[f"{name}.weight"] = None
+    if not out:
+        raise ValueError(f"no attention q/v projections found for LoRA in {type(model).__name__}")
+    return out

@@ -1,0 +1,121 @@
+"""Shared plumbing of the NLP scripts: model + tokenizer, prompted examples and batches, run paths, evaluator."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from talos.modes import get_mode
+from talos.paths import EvalRun, FinetuneRun
+from talos.pipeline import EditEvaluator
+from talos.task_vector import TaskVector
+
+from .args import finetune_hparams
+from .datasets import get_examples
+from .models import decoder_start_id, eligible_parameters, load_model, load_tokenizer
+from .scoring import Example, RankCollator, choice_log_likelihoods
+
+logger = logging.getLogger("talos")
+DOMAIN = "nlp"
+
+
+def finetune_run(args: argparse.Namespace, task: str) -> FinetuneRun:
+    """Where the fine-tuning run of ``task`` under ``args`` lives."""
+    return FinetuneRun(args.save, DOMAIN, args.model, args.finetuning_mode, task, finetune_hparams(args, task))
+
+
+def eval_run(args: argparse.Namespace, protocol: str, extra: Mapping[str, Any] | None = None) -> EvalRun:
+    """Where an evaluation's results live: hashed over the task runs it reads and its own settings."""
+    tasks = sorted(args.eval_datasets)
+    h = {"runs": {t: finetune_run(args, t).hash for t in tasks}, "mode": args.finetuning_mode,
+         "n_eval_points": args.n_eval_points, **dict(extra or {})}
+    return EvalRun(args.save, DOMAIN, args.model, protocol, h)
+
+
+def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the task readers look for data."""
+    return {"data_location": args.data_location, "storycloze_dir": args.storycloze_dir, "cache_dir": args.cache_dir}
+
+
+class Batches:
+    """A re-iterable sequence of collated batches (calibration scores every batch in every round)."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, collate: RankCollator) -> None:
+        self.examples, self.batch_size, self.collate = list(examples), batch_size, collate
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(0, len(self.examples), self.batch_size):
+            yield self.collate(self.examples[i : i + self.batch_size])
+
+
+class NLPSetup:
+    """One language model for a whole script: tokenizer, model, eligible parameters and batch builders."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.tokenizer = load_tokenizer(args.tokenizer or args.model, args.cache_dir)
+        self.model, self.kind = load_model(args.model, self.tokenizer, cache_dir=args.cache_dir,
+                                           attn_implementation=args.attn_implementation)
+        self.model.to(self.device)
+        self.eligible = eligible_parameters(self.model)
+        start = decoder_start_id(self.model, self.tokenizer) if self.kind == "seq2seq" else None
+        self.collate = RankCollator(self.tokenizer, self.kind, args.max_seq_len, start)
+        self.train_collate = RankCollator(self.tokenizer, self.kind, args.max_seq_len, start, only_label=True)
+        self._examples: dict[tuple[str, str], list[Example]] = {}
+
+    def examples(self, task: str, split: str) -> list[Example]:
+        """Prompted examples of ``task``'s ``split`` ("train", "val", "test"), cached."""
+        key = (task, split)
+        if key not in self._examples:
+            self._examples[key] = get_examples(task, split, **data_kwargs(self.args))
+        return self._examples[key]
+
+    def batches(self, task: str, split: str, batch_size: int) -> Batches:
+        """Rank-classification batches (all answer choices) of a split."""
+        return Batches(self.examples(task, split), batch_size, self.collate)
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, task: str, split: str) -> float:
+        """Rank-classification accuracy of ``model`` (the LM or a wrapper of it) on a split."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+        correct = total = 0
+        for batch in self.batches(task, split, self.args.eval_batch_size):
+            with autocast:
+                pred = choice_log_likelihoods(model, batch).argmax(-1).cpu()
+            correct += int((pred == batch["labels"]).sum())
+            total += len(pred)
+        return correct / max(1, total)
+
+
+def make_evaluator(args: argparse.Namespace) -> EditEvaluator:
+    """``evaluate(edit, task, split)`` for ``args``' mode (through the linearized model when it needs it)."""
+    setup = NLPSetup(args)
+    return EditEvaluator(setup.model, setup.eligible, setup.accuracy,
+                         linearized=get_mode(args.finetuning_mode).eval_linearized)
+
+
+def load_task_vectors(args: argparse.Namespace, tasks: Sequence[str], mode: str | None = None) -> dict[str, TaskVector]:
+    """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode evaluates);
+    a missing one names the command that produces it."""
+    if mode is None:
+        m = get_mode(args.finetuning_mode)
+        mode = m.source_mode or m.name
+    margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
+    out = {}
+    for t in tasks:
+        run = finetune_run(margs, t)
+        if not run.task_vector.exists():
+            raise FileNotFoundError(
+                f"no task vector for {t} ({mode}) at {run.task_vector}; run: python nlp/finetune.py "
+                f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} --save {args.save} "
+                "(with the same hyperparameters)"
+            )
+        out[t] = TaskVector.load(run.task_vector)
+    return out

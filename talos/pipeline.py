@@ -1,0 +1,237 @@
+"""Domain-agnostic stages of the fine-tuning and evaluation scripts (used by ``nlp/``; ``vision/`` can adopt them).
+
+A domain adapter builds its model, data, ``ModeContext`` and run paths; these functions do the rest the same
+way for every domain:
+
+* :func:`finetune_with_mode`: masks (loaded or computed and saved), the mode's training state, the shared
+  training loop with resume, then ``finetuned.safetensors``, the task vector and ``metrics.json`` (written
+  last: it marks the run complete);
+* :class:`ParameterEditor` / :class:`EditEvaluator`: ``evaluate(edit, task, split)`` on a live model (θ0 + edit,
+  optionally through the linearized model), zero-shot results cached;
+* :func:`run_protocol`: one evaluation protocol with its skip-when-done run folder, wandb tracker and
+  ``--results-json`` export (:func:`export_results`, the shared schema of :mod:`talos.report`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import evaluation
+from .calibration import format_mask_report, mask_report
+from .io import atomic_write_json, load_tensors, read_json, save_tensors
+from .modes import FinetuneMode, ModeContext
+from .paths import EvalRun, FinetuneRun
+from .report import update_results
+from .runinfo import seed_everything
+from .task_vector import TaskVector
+from .tracking import Tracker
+from .train import TrainConfig, train
+
+logger = logging.getLogger("talos")
+
+__all__ = ["PROTOCOLS", "finetune_with_mode", "ParameterEditor", "EditEvaluator", "run_protocol", "export_results"]
+
+PROTOCOLS = ("single_task", "addition", "negation")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ----------------------------------------------------------------------------------------------------------
+def finetune_with_mode(
+    *,
+    run: FinetuneRun,
+    mode: FinetuneMode,
+    ctx: ModeContext,
+    train_set: torch.utils.data.Dataset,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    cfg: TrainConfig,
+    device: torch.device | str,
+    collate_fn: Callable | None = None,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Masks -> mode.prepare -> train (resuming from ``run.checkpoint``) -> artifacts; returns the metrics.
+
+    ``ctx.model`` must hold θ0 in ``ctx.eligible`` + ``ctx.dense`` when called. Returns the training summary
+    with ``interrupted=True`` (and writes no artifact but the checkpoint) when ``stop_after`` stops it early.
+    """
+    tracker = tracker or Tracker(False)
+    masks = None
+    if mode.sparse:
+        if run.mask.exists():
+            masks = load_tensors(run.mask)
+            logger.info("loaded mask from %s", run.mask)
+        else:
+            masks = mode.masks(ctx)
+            save_tensors(run.mask, masks)
+            atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
+            logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
+    named = dict(ctx.model.named_parameters())
+    theta0 = {n: named[n].detach().cpu().clone() for n in list(ctx.eligible) + list(ctx.dense)}
+    state = mode.prepare(ctx, masks)
+    try:
+        summary = train(state.model, train_set, loss_fn, state.named_params, state.masks, cfg, dense=state.dense,
+                        device=device, checkpoint_path=run.checkpoint, collate_fn=collate_fn,
+                        on_log=lambda s, m: tracker.log(m, step=s), progress=progress, stop_after=stop_after)
+        if summary.get("interrupted"):
+            return summary
+        tv = state.task_vector()
+    finally:
+        state.cleanup()
+    save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
+    tv.save(run.task_vector)
+    trainable = sum(p.numel() if state.masks is None or n not in state.masks else int(state.masks[n].sum())
+                    for n, p in state.named_params)
+    metrics = {**summary, "task_vector_density": tv.density(), "task_vector_norm": tv.norm(),
+               "trainable_entries": int(trainable)}
+    atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
+    run.checkpoint.unlink(missing_ok=True)
+    tracker.summary(metrics)
+    logger.info("done: %s (%d steps, loss %.4f, task-vector density %.4f)", run.dir, summary["steps"],
+                summary["loss"], metrics["task_vector_density"])
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+class ParameterEditor:
+    """Writes θ0 + edit into a live model. θ0 of ``names`` is copied (to the CPU) at construction."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        named = dict(model.named_parameters())
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"unknown parameter names: {missing[:5]}")
+        self.theta0 = {n: named[n].detach().cpu().clone() for n in names}
+
+    @torch.no_grad()
+    def apply(self, edit: TaskVector | None) -> None:
+        """Set the edited parameters to θ0, then add ``edit`` (None = the pre-trained model)."""
+        named = dict(self.model.named_parameters())
+        for n, v in self.theta0.items():
+            named[n].copy_(v)
+        if edit is not None:
+            for n in edit.keys():
+                if n not in self.theta0:
+                    raise ValueError(f"task vector entry {n!r} is not an edited parameter of this model")
+                named[n].add_(edit[n].to(named[n].device, named[n].dtype))
+
+
+class EditEvaluator:
+    """``evaluate(edit, task, split) -> accuracy`` (talos.evaluation's interface) on top of a live model.
+
+    ``accuracy(model, task, split)`` evaluates whatever module it is given: the model itself, or with
+    ``linearized`` its first-order Taylor expansion around θ0 (linear FT, post-hoc, L-LoRA). Zero-shot
+    results (edit None) are computed once per (task, split).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str],
+                 accuracy: Callable[[nn.Module, str, str], float], linearized: bool = False) -> None:
+        from .linearize import LinearizedModel
+
+        self.editor = ParameterEditor(model, names)
+        self.model = model
+        self.accuracy = accuracy
+        self.eval_model = LinearizedModel(model, list(names)) if linearized else model
+        self._zs: dict[tuple[str, str], float] = {}
+
+    def __call__(self, edit: TaskVector | None, task: str, split: str) -> float:
+        if edit is None and (task, split) in self._zs:
+            return self._zs[(task, split)]
+        self.editor.apply(edit)
+        self.eval_model.eval()
+        acc = float(self.accuracy(self.eval_model, task, split))
+        if edit is None:
+            self._zs[(task, split)] = acc
+        return acc
+
+
+def export_results(path: str, protocol: str, mode: str, result: Mapping[str, Any], merge: str = "sum") -> None:
+    """Merge one protocol's result into the shared results.json (schema in :mod:`talos.report`)."""
+    if protocol == "single_task":
+        update_results(path, "single_task", mode, result["test"]["finetuned"])
+        update_results(path, "single_task", "zeroshot", result["test"]["zeroshot"])
+        update_results(path, "task_vector_density", mode, result["task_vector_density"])
+    elif protocol == "addition":
+        row = {k: result[k] for k in ("absolute", "normalized", "coef")}
+        if merge == "sum":
+            update_results(path, "addition", mode, row)
+        if mode == "standard":
+            update_results(path, "merges", merge, row)
+    elif protocol == "negation":
+        update_results(path, "negation", mode,
+                       {"target": result["target"], "control": result["control"], "coef": result["coef"]})
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+
+
+def _single_task(ev: evaluation.Evaluate, tvs: Mapping[str, TaskVector], run: EvalRun) -> dict[str, Any]:
+    """Single-task results, read from their run folder when single-task evaluation already ran."""
+    if run.results.exists():
+        return read_json(run.results)
+    res = evaluation.single_task(ev, tvs)
+    res["task_vector_density"] = {t: tv.density() for t, tv in tvs.items()}
+    atomic_write_json(run.results, res)
+    return res
+
+
+def run_protocol(
+    protocol: str,
+    *,
+    run: EvalRun,
+    single_task_run: EvalRun,
+    mode: str,
+    load_task_vectors: Callable[[], dict[str, TaskVector]],
+    make_evaluator: Callable[[], evaluation.Evaluate],
+    control: str | None = None,
+    merge: str = "sum",
+    merge_kwargs: Mapping[str, Any] | None = None,
+    n_points: int = 21,
+    threshold: float = 0.95,
+    seed: int = 0,
+    config: Mapping[str, Any] | None = None,
+    make_tracker: Callable[[EvalRun], Tracker] | None = None,
+    results_json: str | None = None,
+) -> dict[str, Any]:
+    """Run (or skip, when ``run.results`` exists) one protocol; returns its results.
+
+    ``load_task_vectors`` is called before ``make_evaluator`` so a missing task vector fails before the model
+    loads. Addition normalises by the same mode's single-task accuracy, read from (or computed into)
+    ``single_task_run``.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+    if protocol == "negation" and not control:
+        raise ValueError("the negation protocol needs a control task")
+    if run.results.exists():
+        logger.info("skip: %s results exist (%s)", protocol, run.results)
+        result = read_json(run.results)
+    else:
+        seed_everything(seed)
+        tvs = load_task_vectors()
+        run.write_config(dict(config or {}))
+        tracker = make_tracker(run) if make_tracker is not None else Tracker(False)
+        ev = make_evaluator()
+        if protocol == "single_task":
+            result = _single_task(ev, tvs, run)
+        elif protocol == "addition":
+            st = _single_task(ev, tvs, single_task_run)
+            result = evaluation.task_addition(
+                ev, tvs, {"val": st["val"]["finetuned"], "test": st["test"]["finetuned"]}, merge_method=merge,
+                merge_kwargs=merge_kwargs, n_points=n_points,
+                on_point=lambda a, accs: tracker.log({f"addition/val/{t}": v for t, v in accs.items()}))
+        else:
+            result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points)
+        atomic_write_json(run.results, result)
+        tracker.summary({f"{protocol}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        tracker.finish()
+    if results_json:
+        export_results(results_json, protocol, mode, result, merge=merge)
+    logger.info("%s: %s", protocol, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+    return result
