@@ -663,3 +663,6 @@ def get_dataset(name: str, split: str, transform: Callable | None, location: Loc
     full = spec.build("train", transform, location)
     train_idx, val_idx = split_train_val(len(full))
     return Subset(full, val_idx if (split == "test") else train_idx)
+
+
+from .demo import tasks as _demo_tasks  # noqa: E402,F401  (registers the demo world: ToyShape, ToyColor, ...)
