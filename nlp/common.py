@@ -8,6 +8,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from talos import distributed as dist
 from talos.modes import get_mode
 from talos.paths import EvalRun, FinetuneRun
 from talos.pipeline import EditEvaluator
@@ -83,15 +84,20 @@ class NLPSetup:
 
     @torch.no_grad()
     def accuracy(self, model: nn.Module, task: str, split: str) -> float:
-        """Rank-classification accuracy of ``model`` (the LM or a wrapper of it) on a split."""
+        """Rank-classification accuracy of ``model`` (the LM or a wrapper of it) on a split.
+
+        Under ``torchrun`` each rank scores every world_size-th example and the counts are summed.
+        """
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
         correct = total = 0
-        for batch in self.batches(task, split, self.args.eval_batch_size):
+        for batch in Batches(dist.shard(self.examples(task, split)), self.args.eval_batch_size, self.collate):
             with autocast:
                 pred = choice_log_likelihoods(model, batch).argmax(-1).cpu()
             correct += int((pred == batch["labels"]).sum())
             total += len(pred)
-        return correct / max(1, total)
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
+        dist.all_reduce_sum_([counts])
+        return float(counts[0]) / max(1.0, float(counts[1]))
 
 
 def make_evaluator(args: argparse.Namespace) -> EditEvaluator:

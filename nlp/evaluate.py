@@ -18,6 +18,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from talos import distributed as dist
 from talos.merges import merge_kwargs_from_args
 from talos.pipeline import PROTOCOLS, run_protocol
 from talos.runinfo import run_metadata
@@ -36,6 +37,7 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, description=__doc__)
+    args.device = dist.init_from_env(args.device)  # torchrun: evaluation examples are sharded over ranks
     tasks = list(args.eval_datasets)
     check_tasks(tasks + ([args.control_dataset] if protocol == "negation" else []), splits=("val", "test"),
                 **data_kwargs(args))  # fail before loading any model

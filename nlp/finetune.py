@@ -17,6 +17,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # `python nlp/finetune.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from talos import distributed as dist
 from talos.io import read_json
 from talos.modes import ModeContext, get_mode
 from talos.pipeline import finetune_with_mode
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or skip, or resume) one fine-tuning job; returns its metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, need_train_dataset=True, description=__doc__)
+    args.device = dist.init_from_env(args.device)  # torchrun: join the process group, one GPU per rank
     task = args.train_dataset
     mode = get_mode(args.finetuning_mode)
     if mode.source_mode is not None:  # e.g. posthoc evaluates standard task vectors: make sure they exist
@@ -50,9 +52,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return read_json(run.metrics)
     for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
         load_task_vectors(args, [task], mode=req)
-    config = {"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)}
-    run.write_config(config)
-    tracker = Tracker(args.wandb, project=args.wandb_project, entity=args.wandb_entity,
+    config = {"args": dict(vars(args)), "world_size": dist.world_size(),
+              **run_metadata(list(argv) if argv is not None else None)}
+    if dist.is_main():
+        run.write_config(config)
+    tracker = Tracker(args.wandb and dist.is_main(), project=args.wandb_project, entity=args.wandb_entity,
                       name=f"{args.model}-{args.finetuning_mode}-{task}-{run.hash}", config=config,
                       group=f"{args.model}-{args.finetuning_mode}", dir=run.dir)
     seed_everything(args.seed)

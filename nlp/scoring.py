@@ -172,9 +172,21 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM can skip the LM head on positions we do not score (transformers >= 4.50)."""
+    """Whether the causal LM can skip the LM head on positions we do not score (transformers >= 4.50).
+
+    Wrappers (DDP, the linearized model) forward keyword arguments unchanged, so the wrapped LM decides.
+    """
     import inspect
 
+    from talos.linearize import LinearizedModel
+
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, LinearizedModel):
+            model = model.model
+        else:
+            break
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist
 from . import evaluation
 from .calibration import format_mask_report, mask_report
 from .io import atomic_write_json, load_tensors, read_json, save_tensors
@@ -58,6 +59,7 @@ def finetune_with_mode(
 
     ``ctx.model`` must hold θ0 in ``ctx.eligible`` + ``ctx.dense`` when called. Returns the training summary
     with ``interrupted=True`` (and writes no artifact but the checkpoint) when ``stop_after`` stops it early.
+    Under ``torchrun`` every rank trains (DDP) and computes the same masks; only rank 0 writes files.
     """
     tracker = tracker or Tracker(False)
     masks = None
@@ -66,10 +68,11 @@ def finetune_with_mode(
             masks = load_tensors(run.mask)
             logger.info("loaded mask from %s", run.mask)
         else:
-            masks = mode.masks(ctx)
-            save_tensors(run.mask, masks)
-            atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
-            logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
+            masks = mode.masks(ctx)  # identical on every rank (Fisher sums are all-reduced)
+            if dist.is_main():
+                save_tensors(run.mask, masks)
+                atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
+                logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
     named = dict(ctx.model.named_parameters())
     theta0 = {n: named[n].detach().cpu().clone() for n in list(ctx.eligible) + list(ctx.dense)}
     state = mode.prepare(ctx, masks)
@@ -82,17 +85,19 @@ def finetune_with_mode(
         tv = state.task_vector()
     finally:
         state.cleanup()
-    save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
-    tv.save(run.task_vector)
     trainable = sum(p.numel() if state.masks is None or n not in state.masks else int(state.masks[n].sum())
                     for n, p in state.named_params)
     metrics = {**summary, "task_vector_density": tv.density(), "task_vector_norm": tv.norm(),
                "trainable_entries": int(trainable)}
-    atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
-    run.checkpoint.unlink(missing_ok=True)
-    tracker.summary(metrics)
-    logger.info("done: %s (%d steps, loss %.4f, task-vector density %.4f)", run.dir, summary["steps"],
-                summary["loss"], metrics["task_vector_density"])
+    if dist.is_main():  # only rank 0 writes artifacts
+        save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
+        tv.save(run.task_vector)
+        atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
+        run.checkpoint.unlink(missing_ok=True)
+        tracker.summary(metrics)
+        logger.info("done: %s (%d steps, loss %.4f, task-vector density %.4f)", run.dir, summary["steps"],
+                    summary["loss"], metrics["task_vector_density"])
+    dist.barrier()
     return metrics
 
 
@@ -177,7 +182,9 @@ def _single_task(ev: evaluation.Evaluate, tvs: Mapping[str, TaskVector], run: Ev
         return read_json(run.results)
     res = evaluation.single_task(ev, tvs)
     res["task_vector_density"] = {t: tv.density() for t, tv in tvs.items()}
-    atomic_write_json(run.results, res)
+    if dist.is_main():
+        atomic_write_json(run.results, res)
+    dist.barrier()
     return res
 
 
@@ -203,7 +210,8 @@ def run_protocol(
 
     ``load_task_vectors`` is called before ``make_evaluator`` so a missing task vector fails before the model
     loads. Addition normalises by the same mode's single-task accuracy, read from (or computed into)
-    ``single_task_run``.
+    ``single_task_run``. Under ``torchrun`` the evaluator is expected to shard its data (every rank returns
+    the same accuracy); only rank 0 writes files, logs to wandb and exports.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
@@ -215,8 +223,9 @@ def run_protocol(
     else:
         seed_everything(seed)
         tvs = load_task_vectors()
-        run.write_config(dict(config or {}))
-        tracker = make_tracker(run) if make_tracker is not None else Tracker(False)
+        if dist.is_main():
+            run.write_config(dict(config or {}))
+        tracker = make_tracker(run) if make_tracker is not None and dist.is_main() else Tracker(False)
         ev = make_evaluator()
         if protocol == "single_task":
             result = _single_task(ev, tvs, run)
@@ -228,10 +237,12 @@ def run_protocol(
                 on_point=lambda a, accs: tracker.log({f"addition/val/{t}": v for t, v in accs.items()}))
         else:
             result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points)
-        atomic_write_json(run.results, result)
+        if dist.is_main():
+            atomic_write_json(run.results, result)
+        dist.barrier()
         tracker.summary({f"{protocol}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         tracker.finish()
-    if results_json:
+    if results_json and dist.is_main():
         export_results(results_json, protocol, mode, result, merge=merge)
     logger.info("%s: %s", protocol, {k: v for k, v in result.items() if isinstance(v, (int, float))})
     return result

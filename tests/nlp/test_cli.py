@@ -1,0 +1,145 @@
+"""The NLP scripts end to end on tiny T5 / GPT-2 configs and generated tasks (CPU, offline)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlp import eval_single_task, eval_task_addition, eval_task_negation, finetune
+from talos.io import load_tensors
+from talos.task_vector import TaskVector
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS = "synth_qa,synth_para"
+
+
+def common(synth, save, *extra, model="talos-tiny-t5"):
+    data, tok = synth
+    return ["--model", model, "--tokenizer", str(tok), "--data-location", str(data), "--save", str(save),
+            "--eval-datasets", TASKS, "--control-dataset", "synth_control", "--batch-size", "8",
+            "--num-grad-accumulation", "2", "--num-steps", "4", "--lr", "1e-2", "--max-seq-len", "64",
+            "--calibration-batch-size", "16", "--calibration-batches", "1", "--calibration-rounds", "2",
+            "--eval-batch-size", "64", "--attn-implementation", "eager", "--device", "cpu", "--no-progress",
+            "--n-eval-points", "3", "--lora-rank", "2", *extra]
+
+
+def run_dir(save, mode, task, model="talos-tiny-t5"):
+    (d,) = list((save / "nlp" / model / mode / task).iterdir())
+    return d
+
+
+def test_pipeline_end_to_end(synth, tmp_path):
+    save, results = tmp_path / "runs", tmp_path / "results.json"
+    for mode in ("standard", "talos"):
+        for task in TASKS.split(","):
+            m = finetune.main(common(synth, save, "--finetuning-mode", mode, "--train-dataset", task))
+            assert m["steps"] == 4 and m["interrupted"] is False
+        for script in (eval_single_task, eval_task_addition, eval_task_negation):
+            script.main(common(synth, save, "--finetuning-mode", mode, "--results-json", str(results)))
+    d = run_dir(save, "talos", "synth_qa")
+    for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
+              "task_vector.safetensors", "metrics.json"):
+        assert (d / f).exists(), f
+    assert not (d / "checkpoint.pt").exists()
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["args"]["fisher_target"] == "log_prob" and cfg["hparams"]["accumulation"] == 2
+    assert cfg["versions"]["transformers"] and "git_commit" in cfg
+    res = json.loads(results.read_text())
+    for mode in ("standard", "talos"):
+        assert set(res["single_task"][mode]) == set(TASKS.split(","))
+        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
+        assert set(res["negation"][mode]) == {"target", "control", "coef"}
+    assert set(res["single_task"]["zeroshot"]) == set(TASKS.split(","))
+    assert res["merges"]["sum"] == res["addition"]["standard"]
+    assert res["task_vector_density"]["talos"]["synth_qa"] == pytest.approx(0.1, abs=0.01)
+    # stages skip when their artifacts exist
+    stamp = (d / "task_vector.safetensors").stat().st_mtime_ns
+    again = finetune.main(common(synth, save, "--finetuning-mode", "talos", "--train-dataset", "synth_qa"))
+    assert again == json.loads((d / "metrics.json").read_text())
+    assert (d / "task_vector.safetensors").stat().st_mtime_ns == stamp
+    single = eval_single_task.main(common(synth, save, "--finetuning-mode", "talos"))
+    assert single["test"]["finetuned"] == res["single_task"]["talos"]
+
+
+def test_talos_task_vector_is_sparse_where_the_mask_allows(synth, tmp_path):
+    finetune.main(common(synth, tmp_path, "--finetuning-mode", "talos", "--train-dataset", "synth_coref"))
+    d = run_dir(tmp_path, "talos", "synth_coref")
+    mask = load_tensors(d / "mask.safetensors")
+    tv = TaskVector.load(d / "task_vector.safetensors")
+    assert set(tv.keys()) == set(mask)  # eligible tensors only: embeddings, relative biases, lm_head untouched
+    moved = sum(int((tv[n] != 0).sum()) for n in tv.keys())
+    assert moved > 0
+    for n in tv.keys():
+        assert not bool(((tv[n] != 0) & ~mask[n]).any()), n  # nonzero only where the mask allows
+    total = sum(m.numel() for m in mask.values())
+    assert sum(int(m.sum()) for m in mask.values()) == int(0.1 * total + 1e-6)
+
+
+def test_resume_gives_the_uninterrupted_task_vector(synth, tmp_path):
+    args = ["--finetuning-mode", "talos", "--train-dataset", "synth_para", "--num-steps", "6",
+            "--checkpoint-every", "2"]
+    finetune.main(common(synth, tmp_path / "a", *args))
+    part = finetune.main(common(synth, tmp_path / "b", *args, "--stop-after", "3"))
+    assert part["interrupted"] and part["steps"] == 3
+    d = run_dir(tmp_path / "b", "talos", "synth_para")
+    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
+    finetune.main(common(synth, tmp_path / "b", *args))
+    a = TaskVector.load(run_dir(tmp_path / "a", "talos", "synth_para") / "task_vector.safetensors")
+    b = TaskVector.load(d / "task_vector.safetensors")
+    assert set(a.keys()) == set(b.keys())
+    for n in a.keys():
+        assert torch.equal(a[n], b[n]), n
+
+
+@pytest.mark.parametrize("mode", ["linear", "lora"])
+def test_other_modes_run_on_language_models(synth, tmp_path, mode):
+    args = ["--finetuning-mode", mode, "--num-steps", "2", "--eval-datasets", "synth_qa"]
+    finetune.main(common(synth, tmp_path, *args, "--train-dataset", "synth_qa"))
+    res = eval_single_task.main(common(synth, tmp_path, *args))
+    assert 0.0 <= res["test"]["finetuned"]["synth_qa"] <= 1.0
+
+
+def test_causal_lm_through_the_same_path(synth, tmp_path):
+    args = ["--finetuning-mode", "talos", "--eval-datasets", "synth_coref"]
+    m = finetune.main(common(synth, tmp_path, *args, "--train-dataset", "synth_coref", model="talos-tiny-gpt2"))
+    assert m["task_vector_density"] == pytest.approx(0.1, abs=0.01)
+    res = eval_single_task.main(common(synth, tmp_path, *args, model="talos-tiny-gpt2"))
+    assert set(res["test"]["finetuned"]) == {"synth_coref"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--eval-datasets", "synth_qa,nope"], "unknown nlp task 'nope'"),
+    (["--train-dataset", "nope"], "unknown nlp task 'nope'"),
+    (["--finetuning-mode", "nope"], "unknown fine-tuning mode 'nope'"),
+    (["--model", "not-a-model"], "unknown model 'not-a-model'"),
+    (["--sparsity", "1.0"], "sparsity must be in"),
+    (["--sparsity", "-0.5"], "sparsity must be in"),
+    (["--merge", "nope"], "unknown merge method 'nope'"),
+    (["--eval-datasets", "story_cloze"], "needs --storycloze-dir"),
+    (["--eval-datasets", "story_cloze", "--storycloze-dir", "/nonexistent/dir"], "is not a folder"),
+])
+def test_bad_input_fails_before_anything_loads(synth, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        finetune.main(common(synth, tmp_path, "--train-dataset", "synth_qa", *extra))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "nlp").exists()
+
+
+def test_tiny_model_needs_a_tokenizer_and_missing_vectors_name_the_command(synth, tmp_path, capsys):
+    args = common(synth, tmp_path, "--finetuning-mode", "standard")
+    with pytest.raises(SystemExit):
+        eval_single_task.main([a for a in args if a != str(synth[1]) and a != "--tokenizer"])
+    assert "pass --tokenizer" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="python nlp/finetune.py --train-dataset synth_qa"):
+        eval_single_task.main(args)
+
+
+def test_scripts_run_from_the_repository_root(synth, tmp_path):
+    r = subprocess.run([sys.executable, "nlp/eval_task_negation.py", *common(synth, tmp_path, "--sparsity", "2")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "sparsity must be in" in r.stderr

@@ -1,0 +1,106 @@
+"""Fisher scores of LMs: the vectorised path equals the one-example-at-a-time reference on tiny T5 and GPT-2,
+with no parameter on the slow fallback; the T5LayerNorm / RMS-norm and Conv1D rules on their own."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import talos
+from nlp.datasets import get_examples
+from nlp.models import decoder_start_id, eligible_parameters, register_fisher_rules, rms_norm_rule
+from nlp.scoring import RankCollator, choice_log_likelihoods
+
+from .conftest import tiny
+
+
+def _close(fast, ref, names):
+    for n in names:
+        scale = ref[n].abs().max().clamp_min(1e-30)
+        assert ((fast[n] - ref[n]).abs().max() / scale) < 1e-4, n
+
+
+@pytest.mark.parametrize("name", ["talos-tiny-t5", "talos-tiny-gpt2"])
+@pytest.mark.parametrize("target", ["log_prob", "logit"])
+def test_fast_path_equals_reference_on_eligible_params(synth, tok, caplog, name, target):
+    model, kind = tiny(name, tok)
+    loc = str(synth[0])
+    exs = get_examples("synth_qa", "val", data_location=loc)[:4] + get_examples("synth_para", "val", data_location=loc)[:3]
+    col = RankCollator(tok, kind, 64, decoder_start_id(model, tok) if kind == "seq2seq" else None)
+    batches = [col(exs[:4]), col(exs[4:])]
+    eligible = eligible_parameters(model)
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        fast = talos.fisher_scores(model, batches, choice_log_likelihoods, params=eligible, target=target, draws=2,
+                                   generator=torch.Generator().manual_seed(0))
+    assert "fallback" not in caplog.text  # every eligible tensor (q/k/v/o, FF, norms, Conv1D) on the fast path
+    ref = talos.fisher_scores_reference(model, batches, choice_log_likelihoods, params=eligible, target=target,
+                                        draws=2, generator=torch.Generator().manual_seed(0))
+    _close(fast, ref, eligible)
+    assert all(float(ref[n].sum()) > 0 for n in eligible)
+
+
+def test_eligible_parameters_of_t5_and_gpt2(tok):
+    t5, _ = tiny("talos-tiny-t5", tok)
+    el = set(eligible_parameters(t5))
+    names = dict(t5.named_parameters())
+    frozen = set(names) - el
+    assert frozen == {"shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"}
+    assert {"encoder.block.0.layer.0.SelfAttention.q.weight", "decoder.block.1.layer.1.EncDecAttention.v.weight",
+            "decoder.block.1.layer.2.DenseReluDense.wo.weight", "encoder.final_layer_norm.weight"} <= el
+    gpt2, _ = tiny("talos-tiny-gpt2", tok)
+    el = set(eligible_parameters(gpt2))
+    assert set(dict(gpt2.named_parameters())) - el == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert "transformer.h.0.attn.c_attn.weight" in el and "transformer.ln_f.bias" in el
+
+
+class _Wrap(nn.Module):
+    """Scores [B, C] from a norm or Conv1D layer applied to [B, T, H, D] / [B, T, D] inputs."""
+
+    def __init__(self, layer: nn.Module, d_out: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(d_out, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).reshape(x.shape[0], -1, self.head.in_features).mean(1))
+
+
+def test_rms_norm_rule_matches_reference(caplog):
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(0)
+    norm = T5LayerNorm(6, eps=1e-6)
+    norm.weight.data.uniform_(0.5, 1.5)
+    model = _Wrap(norm, 6)
+    register_fisher_rules(model)
+    x = [torch.randn(5, 3, 2, 6) * 3, torch.randn(4, 3, 2, 6)]  # extra token dims, batch first
+    kw = dict(params=["layer.weight"], target="log_prob", generator=None)
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        fast = talos.fisher_scores(model, x, lambda m, b: m(b), **{**kw, "generator": torch.Generator().manual_seed(1)})
+    assert "fallback" not in caplog.text
+    ref = talos.fisher_scores_reference(model, x, lambda m, b: m(b), **{**kw, "generator": torch.Generator().manual_seed(1)})
+    torch.testing.assert_close(fast["layer.weight"], ref["layer.weight"], rtol=1e-5, atol=1e-8)
+    # the rule itself: Σ_i (Σ_t g ⊙ x̂)²
+    g, xi = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    xhat = xi * torch.rsqrt(xi.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(rms_norm_rule(norm, (xi,), g)["weight"], (g * xhat).sum(1).square().sum(0))
+
+
+def test_conv1d_rule_matches_reference(caplog):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = _Wrap(Conv1D(7, 5), 7)  # y = x @ W + b, W [5, 7]
+    x = [torch.randn(6, 4, 5), torch.randn(3, 4, 5)]
+    names = ["layer.weight", "layer.bias"]
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        fast = talos.fisher_scores(model, x, lambda m, b: m(b), params=names,
+                                   generator=torch.Generator().manual_seed(2))
+    assert "fallback" not in caplog.text
+    ref = talos.fisher_scores_reference(model, x, lambda m, b: m(b), params=names,
+                                        generator=torch.Generator().manual_seed(2))
+    for n in names:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-5, atol=1e-8)
