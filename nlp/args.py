@@ -151,7 +151,9 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
         raise ValueError("--eval-datasets is empty")
     for name in tasks:
         TASK_REGISTRY.get(name)  # unknown tasks raise with the valid list
-    if "story_cloze" in tasks and need_story_cloze(args):
+    # StoryCloze's manual files are checked where they are read: the fine-tuned task, or the evaluated ones
+    read = [args.train_dataset] if need_train_dataset else list(args.eval_datasets) + [args.control_dataset]
+    if "story_cloze" in read and need_story_cloze(args):
         check_storycloze_dir(args.storycloze_dir)
     if is_tiny(args.model) and not args.tokenizer:
         raise ValueError(f"--model {args.model} is a tiny random-init config: pass --tokenizer <folder> "

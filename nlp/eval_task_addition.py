@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python nlp/<script>.py` from the repository root
+    # the script's folder must not be on the path: nlp/datasets.py would shadow Hugging Face `datasets`
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 from nlp.evaluate import main as _main
 

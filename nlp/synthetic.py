@@ -26,8 +26,11 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-if __package__ in (None, ""):  # `python nlp/synthetic.py` from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python nlp/<script>.py` from the repository root
+    # the script's folder must not be on the path: nlp/datasets.py would shadow Hugging Face `datasets`
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 __all__ = ["SYNTHETIC_TASKS", "make_synthetic_tasks", "build_tokenizer", "main"]
 

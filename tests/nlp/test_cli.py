@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,8 +120,8 @@ def test_causal_lm_through_the_same_path(synth, tmp_path):
     (["--sparsity", "1.0"], "sparsity must be in"),
     (["--sparsity", "-0.5"], "sparsity must be in"),
     (["--merge", "nope"], "unknown merge method 'nope'"),
-    (["--eval-datasets", "story_cloze"], "needs --storycloze-dir"),
-    (["--eval-datasets", "story_cloze", "--storycloze-dir", "/nonexistent/dir"], "is not a folder"),
+    (["--train-dataset", "story_cloze"], "needs --storycloze-dir"),
+    (["--train-dataset", "story_cloze", "--storycloze-dir", "/nonexistent/dir"], "is not a folder"),
 ])
 def test_bad_input_fails_before_anything_loads(synth, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -128,6 +129,13 @@ def test_bad_input_fails_before_anything_loads(synth, tmp_path, capsys, extra, m
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "nlp").exists()
+
+
+def test_evaluation_of_story_cloze_checks_its_folder_first(synth, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_task_addition.main(common(synth, tmp_path, "--eval-datasets", "synth_qa,story_cloze",
+                                       "--storycloze-dir", str(tmp_path)))
+    assert "has no StoryCloze 2016 validation file" in capsys.readouterr().err
 
 
 def test_tiny_model_needs_a_tokenizer_and_missing_vectors_name_the_command(synth, tmp_path, capsys):
@@ -140,6 +148,11 @@ def test_tiny_model_needs_a_tokenizer_and_missing_vectors_name_the_command(synth
 
 
 def test_scripts_run_from_the_repository_root(synth, tmp_path):
-    r = subprocess.run([sys.executable, "nlp/eval_task_negation.py", *common(synth, tmp_path, "--sparsity", "2")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "sparsity must be in" in r.stderr
+    """`python nlp/<script>.py`: the repository root is importable and nlp/datasets.py does not shadow the
+    Hugging Face `datasets` package (offline, the hub loader then fails with the reader's own message)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = common(synth, tmp_path, "--eval-datasets", "qasc", "--data-location", str(tmp_path / "none"))
+    r = subprocess.run([sys.executable, "nlp/eval_single_task.py", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode != 0 and "task qasc: cannot load split" in r.stderr
+    assert "ImportError" not in r.stderr and "load_dataset('allenai/qasc'" in r.stderr
