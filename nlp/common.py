@@ -70,6 +70,7 @@ class NLPSetup:
         self.collate = RankCollator(self.tokenizer, self.kind, args.max_seq_len, start)
         self.train_collate = RankCollator(self.tokenizer, self.kind, args.max_seq_len, start, only_label=True)
         self._examples: dict[tuple[str, str], list[Example]] = {}
+        self._eval_batches: dict[tuple, list[dict[str, Any]]] = {}
 
     def examples(self, task: str, split: str) -> list[Example]:
         """Prompted examples of ``task``'s ``split`` ("train", "val", "test"), cached."""
@@ -82,6 +83,15 @@ class NLPSetup:
         """Rank-classification batches (all answer choices) of a split."""
         return Batches(self.examples(task, split), batch_size, self.collate)
 
+    def eval_batches(self, task: str, split: str) -> list[dict[str, Any]]:
+        """This rank's evaluation batches of a split, tokenized once and reused for every coefficient; examples
+        are sorted by prompt length (less padding; accuracy does not depend on the order)."""
+        key = (task, split, dist.rank(), dist.world_size())
+        if key not in self._eval_batches:
+            exs = sorted(dist.shard(self.examples(task, split)), key=lambda e: len(e.prompt))
+            self._eval_batches[key] = list(Batches(exs, self.args.eval_batch_size, self.collate))
+        return self._eval_batches[key]
+
     @torch.no_grad()
     def accuracy(self, model: nn.Module, task: str, split: str) -> float:
         """Rank-classification accuracy of ``model`` (the LM or a wrapper of it) on a split.
@@ -90,7 +100,7 @@ class NLPSetup:
         """
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
         correct = total = 0
-        for batch in Batches(dist.shard(self.examples(task, split)), self.args.eval_batch_size, self.collate):
+        for batch in self.eval_batches(task, split):
             with autocast:
                 pred = choice_log_likelihoods(model, batch).argmax(-1).cpu()
             correct += int((pred == batch["labels"]).sum())

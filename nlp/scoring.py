@@ -58,19 +58,30 @@ class RankCollator:
 
     # -- tokenisation -------------------------------------------------------------------------------------
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        if self.kind == "seq2seq":
-            # keep the trailing special token (T5's </s>) when cutting, as truncation=True would
-            return [x if len(x) <= self.max_seq_len else x[: self.max_seq_len - 1] + x[-1:] for x in ids]
-        return [x[-self.max_seq_len :] for x in ids]
+        """Untruncated prompt tokens (with the tokenizer's special tokens: T5's </s>, Llama's <s>)."""
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
-    def _answer_ids(self, answers: list[str]) -> list[list[int]]:
+    def _truncate_prompt(self, ids: list[int]) -> list[int]:
+        if len(ids) <= self.max_seq_len:
+            return ids
+        if self.kind == "seq2seq":  # cut the end but keep the trailing special token, as truncation=True does
+            return ids[: self.max_seq_len - 1] + ids[-1:]
+        return ids[-self.max_seq_len :]  # causal: keep the end, right before the answer
+
+    def _answer_ids(self, prompts: list[str], prompt_ids: list[list[int]], answers: list[str]) -> list[list[int]]:
+        """Answer tokens; ``prompts``/``prompt_ids`` hold each answer's prompt (used by causal LMs only)."""
         if self.kind == "seq2seq":
             ids = self.tokenizer(text_target=answers, add_special_tokens=True)["input_ids"]  # with </s>
             ids = [x if len(x) <= self.max_seq_len else x[: self.max_seq_len - 1] + x[-1:] for x in ids]
         else:
-            # the answer continues the prompt after one space; no special tokens inside the sequence
-            ids = self.tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+            # The answer continues the prompt after one space. Tokenize "prompt answer" and keep what follows
+            # the prompt's own tokens, so tokenizers that merge or mark word starts (sentencepiece's "▁")
+            # split the pair as they would split the running text; tokenize the answer alone if the prompt
+            # tokens are not a prefix (e.g. the tokenizer appends a special token to every text).
+            whole = self.tokenizer([p + " " + a for p, a in zip(prompts, answers)], add_special_tokens=True)["input_ids"]
+            alone = self.tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+            ids = [w[len(p):] if w[: len(p)] == p and len(w) > len(p) else a
+                   for w, p, a in zip(whole, prompt_ids, alone)]
             ids = [x[: self.max_seq_len] for x in ids]
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad
         return [x if x else [eos] for x in ids]  # an empty answer still gets one scored token
@@ -87,8 +98,10 @@ class RankCollator:
             choices = [list(ex.choices) for ex in examples]
             labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
         C = max(len(c) for c in choices)
-        flat = [a for cs in choices for a in cs]
-        ans = iter(self._answer_ids(flat))
+        prompt_ids = self._prompt_ids([ex.prompt for ex in examples])
+        owner = [i for i, cs in enumerate(choices) for _ in cs]  # example of each flattened answer
+        ans = iter(self._answer_ids([examples[i].prompt for i in owner], [prompt_ids[i] for i in owner],
+                                    [a for cs in choices for a in cs]))
         answers = [[next(ans) for _ in cs] for cs in choices]  # [B][C_i] token lists
         L = max(len(a) for cs in answers for a in cs)
         targets = torch.full((B, C, L), self.pad, dtype=torch.long)
@@ -101,7 +114,7 @@ class RankCollator:
                 choice_mask[i, c] = True
         batch = {"kind": self.kind, "targets": targets, "target_mask": target_mask, "choice_mask": choice_mask,
                  "labels": labels}
-        prompts = self._prompt_ids([ex.prompt for ex in examples])
+        prompts = [self._truncate_prompt(p) for p in prompt_ids]
         if self.kind == "seq2seq":
             batch.update(self._pack_seq2seq(prompts, targets, C, L))
         else:

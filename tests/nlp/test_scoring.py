@@ -92,3 +92,27 @@ def test_prediction_and_truncation(tok):
     s2s = RankCollator(tok, "seq2seq", 8, 0)(
         [Example("the river stone tree house road city bird window morning", ("yes",), 0)])
     assert s2s["input_ids"].shape[1] == 8 and int(s2s["input_ids"][0, -1]) == tok.eos_token_id  # </s> kept
+
+
+def test_causal_answers_follow_the_joint_tokenization(synth, tok):
+    """Without a special token after the prompt (GPT-2 style), an answer's tokens are what "prompt answer"
+    tokenizes to after the prompt's tokens, and the score is log p(answer | prompt) of that one sequence."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    raw.post_processor = None  # no </s> appended
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    model, kind = tiny("talos-tiny-gpt2", plain)
+    model.eval()
+    ex = get_examples("synth_coref", "val", data_location=str(synth[0]))[0]
+    b = RankCollator(plain, kind, 64)([ex])
+    with torch.no_grad():
+        got = choice_log_likelihoods(model, b)[0]
+        for c, ch in enumerate(ex.choices):
+            x, whole = plain(ex.prompt)["input_ids"], plain(ex.prompt + " " + ch)["input_ids"]
+            y = whole[len(x):]
+            assert b["targets"][0, c, : len(y)].tolist() == y and int(b["target_mask"][0, c].sum()) == len(y)
+            logp = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+            want = sum(float(logp[len(x) - 1 + j, t]) for j, t in enumerate(y))
+            assert abs(float(got[c]) - want) < 1e-4
