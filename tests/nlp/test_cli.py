@@ -156,3 +156,44 @@ def test_scripts_run_from_the_repository_root(synth, tmp_path):
                        timeout=120, env=env)
     assert r.returncode != 0 and "task qasc: cannot load split" in r.stderr
     assert "ImportError" not in r.stderr and "load_dataset('allenai/qasc'" in r.stderr
+
+
+def _nlp_worker(rank, world, port, synth, save, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    args = common(synth, save, "--finetuning-mode", "talos", "--eval-datasets", "synth_qa")
+    finetune.main(args + ["--train-dataset", "synth_qa"])
+    eval_single_task.main(args + ["--results-json", str(results)])
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_finetune_and_eval_write_one_copy(synth, tmp_path):
+    import shutil
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    save, results = tmp_path / "runs", tmp_path / "results.json"
+    synth = (str(synth[0]), str(synth[1]))
+    mp.start_processes(_nlp_worker, args=(2, port, synth, save, results), nprocs=2, join=True, start_method="spawn")
+    d = run_dir(save, "talos", "synth_qa")
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        ["calibration.json", "config.json", "finetuned.safetensors", "mask.safetensors", "metrics.json",
+         "task_vector.safetensors"])
+    assert json.loads((d / "config.json").read_text())["world_size"] == 2
+    sharded = json.loads(results.read_text())["single_task"]["talos"]
+    # one process, same task vector: the same accuracy as two ranks each scoring half of the examples
+    shutil.rmtree(save / "nlp" / "talos-tiny-t5" / "eval")
+    single = eval_single_task.main(common(synth, save, "--finetuning-mode", "talos", "--eval-datasets", "synth_qa"))
+    assert single["test"]["finetuned"] == sharded
+    # the masks of two ranks (all-reduced Fisher sums) equal a single-process calibration
+    finetune.main(common(synth, tmp_path / "one", "--finetuning-mode", "talos", "--eval-datasets", "synth_qa",
+                         "--train-dataset", "synth_qa"))
+    m1 = load_tensors(run_dir(tmp_path / "one", "talos", "synth_qa") / "mask.safetensors")
+    m2 = load_tensors(d / "mask.safetensors")
+    assert all(torch.equal(m1[n], m2[n]) for n in m1)
