@@ -78,11 +78,16 @@ def check_model_name(name: str, cache_dir: str | None = None) -> str:
         raise ValueError("--model must be a non-empty string")
     try:
         config = load_config(name, cache_dir)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, hub/http errors: all mean "cannot use it"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if name in MODEL_ALIASES:
+            raise ValueError(f"cannot read the config of {name} ({MODEL_ALIASES[name]}): {why}; it is downloaded "
+                             "from the Hugging Face hub on first use (offline: fetch it once, or pass a local "
+                             "model folder)") from None
         raise ValueError(
-            f"unknown model {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); valid: "
-            f"{', '.join(list(MODEL_ALIASES) + list(TINY_MODELS))}, a local model folder, or a Hugging Face hub id "
-            "of a seq2seq or causal language model (e.g. google-t5/t5-base, openai-community/gpt2, Qwen/Qwen2.5-0.5B)"
+            f"unknown model {name!r} ({why}); valid: {', '.join(list(MODEL_ALIASES) + list(TINY_MODELS))}, a local "
+            "model folder, or a Hugging Face hub id of a seq2seq or causal language model (e.g. google-t5/t5-base, "
+            "openai-community/gpt2, Qwen/Qwen2.5-0.5B)"
         ) from None
     return model_kind(config)
 

@@ -104,3 +104,40 @@ def test_conv1d_rule_matches_reference(caplog):
                                         generator=torch.Generator().manual_seed(2))
     for n in names:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_family_rms_norms_and_rope_on_the_fast_path(synth, tok, caplog, arch):
+    """Decoder-only models with RMS norms and rotary positions: packed scores equal per-choice sums (position
+    ids continue the prompt's), and the Fisher fast path covers every eligible tensor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    register_fisher_rules(model)
+    eligible = eligible_parameters(model)
+    assert "model.layers.0.input_layernorm.weight" in eligible and "model.layers.1.self_attn.v_proj.weight" in eligible
+    assert "lm_head.weight" not in eligible and "model.embed_tokens.weight" not in eligible
+    exs = get_examples("synth_qa", "val", data_location=str(synth[0]))[:5]
+    col = RankCollator(tok, "causal", 64)
+    model.eval()
+    with torch.no_grad():
+        got = choice_log_likelihoods(model, col(exs))
+        ex = exs[0]
+        x = tok(ex.prompt)["input_ids"]
+        for c, ch in enumerate(ex.choices):
+            y = tok(" " + ch, add_special_tokens=False)["input_ids"]
+            logp = model(input_ids=torch.tensor([x + y])).logits[0].log_softmax(-1)
+            assert abs(float(got[0, c]) - sum(float(logp[len(x) - 1 + j, t]) for j, t in enumerate(y))) < 1e-4
+    batches = [col(exs[:3]), col(exs[3:])]
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        fast = talos.fisher_scores(model, batches, choice_log_likelihoods, params=eligible, target="log_prob",
+                                   generator=torch.Generator().manual_seed(0))
+    assert "fallback" not in caplog.text
+    ref = talos.fisher_scores_reference(model, batches, choice_log_likelihoods, params=eligible, target="log_prob",
+                                        generator=torch.Generator().manual_seed(0))
+    _close(fast, ref, eligible)
