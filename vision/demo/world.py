@@ -1,7 +1,7 @@
 """The demo world: procedurally drawn scenes with captions, deterministic from a seed, no downloads.
 
-A scene (48x48 RGB) holds ``count`` copies of one object (``shape``, ``colour``, ``size``) placed in one
-half of the image (``position``), a rendered letter (``glyph``) in the other half, all over a background
+A scene (48x48 RGB) holds ``count`` copies of one object (``shape``, ``colour``, ``size``), each in its own
+cell of the 8 px grid, in one half of the image (``position``), a rendered letter (``glyph``) in the other half, all over a background
 pattern (``texture``)::
 
     factor    values
@@ -9,7 +9,7 @@ pattern (``texture``)::
     colour    red, green, blue, yellow, purple, cyan
     count     one .. four
     position  top, bottom, left, right      (the half that holds the objects)
-    size      small, medium, large          (object radius 3 / 4 / 5 px)
+    size      small, medium, large          (object radius 2.75 / 3.4 / 4 px)
     texture   plain, striped, dotted, checkered
     glyph     E, H, K, P, S, Z              (5x7 bitmap letters, 2 or 3 px per cell)
 
@@ -61,7 +61,7 @@ _COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 235),
     "yellow": (230, 215, 40), "purple": (165, 60, 205), "cyan": (40, 205, 215),
 }
-_RADIUS = {"small": 3.0, "medium": 4.0, "large": 5.0}
+_RADIUS = {"small": 2.75, "medium": 3.4, "large": 4.0}
 _COUNT = {"one": 1, "two": 2, "three": 3, "four": 4}
 # 5x7 bitmaps of the glyph letters (rows top to bottom).
 _FONT = {
@@ -193,20 +193,21 @@ def _halves(position: str, s: int) -> tuple[tuple[int, int, int, int], tuple[int
     return regions[position], regions[opposite[position]]
 
 
-def _place(rng: np.random.Generator, n: int, r: float, region: tuple[int, int, int, int]) -> list[tuple[float, float]]:
-    """``n`` non-overlapping centres for radius-``r`` objects inside ``region`` (rejection sampling)."""
+CELL = 8  # objects sit in the cells of this grid: the patch grid of talos-toy-clip (patch size 8)
+
+
+def _place(rng: np.random.Generator, n: int, region: tuple[int, int, int, int]) -> list[tuple[float, float]]:
+    """Centres of ``n`` objects: distinct random grid cells of ``region``, jittered by up to 1 px.
+
+    One object per 8x8 cell, aligned with the ViT's patches: a tiny ViT fine-tuned for a few dozen steps
+    cannot learn shapes whose silhouettes straddle patches at arbitrary offsets (measured: chance level),
+    while glyphs and positions, which span several patches, need no such help.
+    """
     y0, y1, x0, x1 = region
-    lo_y, hi_y, lo_x, hi_x = y0 + r + 0.5, y1 - r - 0.5, x0 + r + 0.5, x1 - r - 0.5
-    gap = 2 * r + 1.5
-    for _ in range(100):
-        pts: list[tuple[float, float]] = []
-        for _ in range(200):
-            p = (rng.uniform(lo_y, hi_y), rng.uniform(lo_x, hi_x))
-            if all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 >= gap * gap for q in pts):
-                pts.append(p)
-                if len(pts) == n:
-                    return pts
-    raise RuntimeError(f"could not place {n} objects of radius {r} in {region}")  # pragma: no cover
+    cells = [(y, x) for y in range(y0, y1, CELL) for x in range(x0, x1, CELL)]
+    chosen = rng.choice(len(cells), size=n, replace=False)
+    jitter = rng.uniform(-1.0, 1.0, (n, 2))
+    return [(cells[c][0] + CELL / 2 + j[0], cells[c][1] + CELL / 2 + j[1]) for c, j in zip(chosen, jitter)]
 
 
 def _background(rng: np.random.Generator, texture: str, s: int) -> np.ndarray:
@@ -254,7 +255,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     obj_region, glyph_region = _halves(scene.position, size)
     r = _RADIUS[scene.size]
     colour = np.clip(np.array(_COLOURS[scene.colour], np.float32) + rng.uniform(-25, 25, 3), 0, 255)
-    for cy, cx in _place(rng, _COUNT[scene.count], r, obj_region):
+    for cy, cx in _place(rng, _COUNT[scene.count], obj_region):
         _paint(img, cy, cx, r, scene.shape, colour)
     _glyph(img, rng, scene.glyph, glyph_region)
     img = img + rng.normal(0, 5, img.shape)
@@ -264,18 +265,23 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
 # --------------------------------------------------------------------------------------------------
 # Captions
 # --------------------------------------------------------------------------------------------------
-def caption(scene: Scene, rng: np.random.Generator | None = None, keep: float = 1.0) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, keep: float | dict[str, float] = 1.0,
+            unnamed: dict[str, Sequence[str]] | None = None) -> str:
     """The scene's caption. With ``rng`` and ``keep < 1``, each factor is named with probability
-    ``keep`` (at least one is always named) and the trailing clauses come in random order.
+    ``keep`` (a number, or one per factor; at least one factor is always named) and the trailing clauses
+    come in random order.
+    Factors whose value is in ``unnamed[factor]`` are never named (pre-training's held-out words).
 
     Words are the ones the downstream templates use: ``<count> <size> <colour> <shape> shape(s)``,
     ``on the <position> side``, ``with the letter <glyph>``, ``on a <texture> background``.
     """
-    names = list(FACTORS)
-    if rng is None or keep >= 1.0:
+    names = [f for f in FACTORS if getattr(scene, f) not in (unnamed or {}).get(f, ())]
+    p = {f: float(keep[f] if isinstance(keep, dict) else keep) for f in FACTORS}
+    full = rng is None or all(v >= 1.0 for v in p.values())
+    if full:
         named = set(names)
     else:
-        named = {f for f in names if rng.random() < keep}
+        named = {f for f in names if rng.random() < p[f]}
         if not named:
             named = {names[int(rng.integers(len(names)))]}
     plural = scene.count != "one"
@@ -288,7 +294,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, keep: float = 
         clauses.append(f"with the letter {scene.glyph.lower()}")
     if "texture" in named:
         clauses.append(f"on a {scene.texture} background")
-    if rng is not None and keep < 1.0 and len(clauses) > 1:
+    if not full and len(clauses) > 1:
         clauses = [clauses[i] for i in rng.permutation(len(clauses))]
     return ", ".join([noun] + clauses) if len(clauses) > 1 else " ".join([noun] + clauses)
 

@@ -1,0 +1,223 @@
+"""The offline demo: world determinism, captions vs labels, task registration, the committed toy CLIP."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from vision.demo import CHECKPOINT, MODEL
+from vision.demo import world as W
+
+
+# ----------------------------------------------------------------------------------------------- world
+def test_render_is_deterministic_in_the_seed():
+    def draw(seed):
+        rng = W.scene_rng(seed, "test")
+        scenes = [W.sample_scene(rng) for _ in range(5)]
+        return scenes, np.stack([W.render(s, rng) for s in scenes])
+
+    s0, a = draw(0)
+    s1, b = draw(0)
+    _, c = draw(1)
+    assert s0 == s1 and np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (5, W.IMAGE_SIZE, W.IMAGE_SIZE, 3) and a.dtype == np.uint8
+
+
+def test_fixed_factor_and_labels():
+    rng = W.scene_rng(0, "labels")
+    for task in W.TASKS.values():
+        for k, value in enumerate(task.values):
+            scene = W.sample_scene(rng, **{task.factor: value})
+            assert getattr(scene, task.factor) == value and scene.label(task) == k
+    with pytest.raises(ValueError):
+        W.sample_scene(rng, shape="hexagon")
+
+
+def _named_values(text: str) -> dict[str, str]:
+    """Parse a caption back into factor values (only what it names)."""
+    words = text.replace(",", "").split()
+    out = {}
+    for f, vals in W.FACTORS.items():
+        for v in vals:
+            if f == "glyph":
+                hit = re.search(rf"\bletter {v.lower()}\b", text)
+            elif f == "position":
+                hit = re.search(rf"\bon the {v} side\b", text)
+            elif f == "texture":
+                hit = re.search(rf"\bon a {v} background\b", text)
+            else:
+                hit = v in words
+            if hit:
+                assert f not in out, f"caption names two values of {f}: {text!r}"
+                out[f] = v
+    return out
+
+
+def test_captions_name_the_true_factors():
+    rng = W.scene_rng(0, "captions")
+    for _ in range(200):
+        scene = W.sample_scene(rng)
+        full = W.caption(scene)
+        assert _named_values(full) == {f: getattr(scene, f) for f in W.FACTORS}, full
+        assert ("shapes" in full.split(",")[0]) == (scene.count != "one")
+        partial = W.caption(scene, rng, keep=0.4)
+        named = _named_values(partial)
+        assert named and all(getattr(scene, f) == v for f, v in named.items()), partial
+
+
+def test_task_class_words_appear_in_captions():
+    """Zero-shot prompts use caption words: each class name (or its words) occurs in matching captions."""
+    rng = W.scene_rng(0, "words")
+    for task in W.TASKS.values():
+        for k, value in enumerate(task.values):
+            cap = W.caption(W.sample_scene(rng, **{task.factor: value}))
+            name = task.classnames[k].lower()
+            assert all(word in cap.replace(",", "").split() for word in name.split()), (task.name, name, cap)
+
+
+def test_write_tasks_layout_and_determinism(tmp_path):
+    from vision.datasets import get_dataset
+
+    a = W.write_tasks(tmp_path / "a", ["ToyCount", "ToyGlyph"], n_train=24, n_test=12, seed=3)
+    b = W.write_tasks(tmp_path / "b", ["ToyCount"], n_train=24, n_test=12, seed=3)
+
+    def digest(folder):
+        h = hashlib.sha256()
+        for p in sorted(folder.rglob("*.png")):
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+        return h.hexdigest()
+
+    assert digest(a["ToyCount"]) == digest(b["ToyCount"])
+    mtime = next(a["ToyCount"].rglob("*.png")).stat().st_mtime_ns
+    W.write_tasks(tmp_path / "a", ["ToyCount"], n_train=24, n_test=12, seed=3)  # same settings: kept
+    assert next(a["ToyCount"].rglob("*.png")).stat().st_mtime_ns == mtime
+
+    task = W.TASKS["ToyCount"]
+    ds = get_dataset("ToyCount", "test", None, tmp_path / "a")
+    assert len(ds) == 12 and ds.classes == [W.class_folder(task, i) for i in range(4)]
+    records = [json.loads(line) for line in (a["ToyCount"] / "test" / "captions.jsonl").read_text().splitlines()]
+    by_path = {r["path"]: r for r in records}
+    for path, label in ds.samples:
+        rec = by_path[str(path).split("ToyCount/", 1)[1]]
+        assert rec["label"] == label and rec["factors"]["count"] == task.values[label]
+        assert rec["caption"].startswith(rec["factors"]["count"] + " ")
+    assert len(get_dataset("ToyCountVal", "test", None, tmp_path / "a")) == 2  # 10% of 24
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+def test_tasks_are_registered_with_templates_and_classnames(tmp_path):
+    from vision.datasets import DATASETS, DatasetNotFoundError, check_datasets
+
+    assert len(W.TARGET_TASKS) >= 6 and W.CONTROL_TASK not in W.TARGET_TASKS
+    for name, task in W.TASKS.items():
+        spec = DATASETS.get(name)
+        assert spec.classnames(tmp_path) == list(task.classnames)
+        assert len(task.classnames) == len(task.values) == len(set(task.classnames))
+        assert spec.templates and all(t.count("{}") == 1 for t in spec.templates)
+        folders = [W.class_folder(task, i) for i in range(len(task.values))]
+        assert sorted(folders) == folders  # ImageFolder's sorted order is the label order
+    with pytest.raises(DatasetNotFoundError, match="python -m vision.demo.world"):
+        check_datasets(["ToyShape"], tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+def test_checkpoint_size_and_sidecar():
+    assert CHECKPOINT.is_file(), f"missing {CHECKPOINT}: see vision/demo/toy_clip.json for the command"
+    assert CHECKPOINT.stat().st_size <= 10 * 2**20
+    meta = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    assert meta["command"].startswith("python -m vision.demo.pretrain") and "seed" in meta
+    assert meta["sha256"] == hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest()
+    assert meta["train_seconds"] <= 600
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    from vision.models import load_clip
+
+    return load_clip(MODEL, str(CHECKPOINT))
+
+
+def test_checkpoint_loads_into_the_config(toy_clip):
+    from safetensors.torch import load_file
+
+    model, _, val_pre, _ = toy_clip
+    stored = load_file(str(CHECKPOINT))
+    state = model.state_dict()
+    assert set(stored) == set(state)  # open_clip loads strictly: every key, no extra
+    for k, v in stored.items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
+    assert val_pre.transforms[0].size in (W.IMAGE_SIZE, [W.IMAGE_SIZE], (W.IMAGE_SIZE, W.IMAGE_SIZE))
+
+
+def test_zeroshot_head_on_the_checkpoint(toy_clip):
+    """Zero-shot heads from the task templates classify fresh scenes above chance."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from vision.models import zeroshot_head
+
+    model, _, val_pre, tokenizer = toy_clip
+    task = W.TASKS["ToyColor"]
+    head = zeroshot_head(model, tokenizer, task.classnames, task.templates)
+    assert head.shape == (len(task.classnames), model.visual.output_dim)
+    rng = W.scene_rng(7, "test-zeroshot")
+    labels = [i % len(task.values) for i in range(120)]
+    x = torch.stack([val_pre(Image.fromarray(W.render(W.sample_scene(rng, colour=task.values[y]), rng)))
+                     for y in labels])
+    with torch.no_grad():
+        pred = (F.normalize(model.encode_image(x), dim=-1) @ head.T).argmax(-1)
+    acc = (pred == torch.tensor(labels)).float().mean().item()
+    assert acc > 1.5 / len(task.values), acc
+
+
+# ----------------------------------------------------------------------------------------------- figures, report
+def test_mask_stats_and_layer_names():
+    from vision.demo.figures import kind_of, layer_of, mask_stats
+
+    assert layer_of("visual.transformer.resblocks.2.attn.in_proj_weight") == "block 2"
+    assert kind_of("visual.transformer.resblocks.2.attn.in_proj_weight") == "attn qkv"
+    assert kind_of("visual.transformer.resblocks.0.ln_1.bias") == "layer norm"
+    assert kind_of("visual.transformer.resblocks.0.mlp.c_fc.bias") == "bias"
+    assert (layer_of("visual.conv1.weight"), kind_of("visual.conv1.weight")) == ("patch", "patch embed")
+    a = {"visual.conv1.weight": torch.tensor([True, False, False, False]),
+         "visual.transformer.resblocks.0.mlp.c_fc.weight": torch.tensor([True, True])}
+    b = {"visual.conv1.weight": torch.tensor([True, True, False, False]),
+         "visual.transformer.resblocks.0.mlp.c_fc.weight": torch.tensor([False, False])}
+    st = mask_stats({"A": a, "B": b})
+    assert st["per_layer"]["A"] == {"patch": 0.25, "block 0": 1.0}
+    assert st["density"]["B"] == pytest.approx(2 / 6)
+    assert st["iou"]["A"]["B"] == pytest.approx(1 / 4) and st["iou"]["A"]["A"] == 1.0
+
+
+def test_summary_tables():
+    from vision.demo.run import summary_tables
+
+    res = {"single_task": {"zeroshot": {"ToyShape": 0.3}, "standard": {"ToyShape": 0.9}, "talos": {"ToyShape": 0.8}},
+           "addition": {"standard": {"absolute": 0.5, "normalized": 0.6, "coef": 0.3},
+                        "talos": {"absolute": 0.55, "normalized": 0.7, "coef": 0.4}},
+           "negation": {"standard": {"target": 0.2, "control": 0.5, "coef": {}},
+                        "talos": {"target": 0.3, "control": 0.5, "coef": {}}}}
+    md = summary_tables(res, None)
+    assert "| ToyShape | 5 (20) | 30.0 | 90.0 | 80.0 |" in md
+    assert "talos 70.0 vs standard 60.0 (talos higher)" in md
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path):
+    """The driver on a tiny setting: two modes, two tasks, every merge, report and figures."""
+    from vision.demo import run
+
+    out = tmp_path / "demo"
+    rc = run.main([str(out), "--modes", "standard,talos", "--tasks", "ToyShape,ToyColor", "--merges", "sum,ties",
+                   "--set", "n_train=60", "--set", "n_test=30", "--set", "epochs=1", "--set", "n_eval_points=3"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["addition"]) == {"standard", "talos"} and set(res["merges"]) == {"sum", "ties"}
+    for png in ("addition_negation", "disentanglement", "accuracy_ratio", "talos_masks"):
+        assert (out / f"{png}.png").stat().st_size > 10_000
+    assert "Zero-shot vs fine-tuned" in (out / "results.md").read_text()
