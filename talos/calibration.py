@@ -101,21 +101,40 @@ def soft_masked(plan_or_model: Any, masks: Mapping[str, Tensor], factor: float) 
             mod._parameters = type(params)((k, params[k]) for k in keys)
 
 
+def _kth_smallest(flat: Tensor, k: int) -> Tensor:
+    """``torch.kthvalue(flat, k).values`` (1-based k) of a 1-D float32 tensor, about 3x faster on large CPU inputs.
+
+    Radix pre-selection: floats are mapped to int32 keys that sort like the floats, a histogram of the top 16 key
+    bits finds the bucket holding the k-th value, and ``kthvalue`` runs on that bucket only. Exact: the value
+    returned is the k-th smallest (``-0.0`` and ``0.0`` may swap places, but they compare equal).
+    """
+    if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.numel() < 2**20:
+        return torch.kthvalue(flat, k).values
+    bits = flat.view(torch.int32)
+    # order-preserving key: non-negative floats keep their bits; negative ones flip all but the sign bit
+    key = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+    bucket = key.bitwise_right_shift_(16).add_(32768)  # [0, 65536), in place
+    cum = torch.bincount(bucket, minlength=65536).cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype)))
+    below = int(cum[b - 1]) if b else 0
+    return torch.kthvalue(flat[bucket == b], k - below).values
+
+
 def _global_keep(
     scores: Mapping[str, Tensor], keep: Mapping[str, Tensor], k: int, names: list[str]
 ) -> dict[str, Tensor]:
     """Keep the k lowest scores among currently kept entries; ties go to the earlier (name order, index)."""
     dev = scores[names[0]].device
-    flat = torch.cat(
-        [torch.where(keep[n].to(dev), scores[n].to(dev), float("inf")).flatten() for n in names]
-    )  # (N,) float32, dropped entries at +inf so they are never re-selected
+    flat = torch.cat([scores[n].to(dev, torch.float32).flatten() for n in names])  # (N,) float32
+    # dropped entries at +inf so they are never re-selected (in place: no second N-sized temporary)
+    flat.masked_fill_(~torch.cat([keep[n].to(dev).flatten() for n in names]), float("inf"))
     if torch.isnan(flat).any():
         raise RuntimeError("Fisher scores contain NaN; check the model and calibration data")
     new = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        thr = torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, k).values.to(dev)
+        thr = _kth_smallest(flat.cpu() if flat.device.type == "mps" else flat, k).to(dev)
         new = flat < thr
-        need = k - int(new.sum())
+        need = k - int(torch.count_nonzero(new))
         if need > 0:  # deterministic tie-break: the first `need` entries equal to the threshold
             ties = (flat == thr).nonzero().squeeze(1)[:need]
             new[ties] = True

@@ -66,6 +66,10 @@ class _Workspace:
         return buf
 
 
+#: On CPU, per-example gradient blocks of at least this many elements are formed one example at a time.
+_CPU_PER_EXAMPLE_MIN = 2**16
+
+
 def _sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
     """sum_i (g_i^T a_i)^2 for g [B, T, O], a [B, T, I] -> [O, I] (float32)."""
     B, T, O = g.shape
@@ -75,9 +79,18 @@ def _sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
         # a single position per example: (g_i a_i^T)^2 = g_i^2 (a_i^2)^T, so the sum is one matmul.
         return g[:, 0].square().T @ a[:, 0].square()
     out = torch.zeros(O, I, dtype=torch.float32, device=g.device)
+    gt = g.transpose(1, 2)  # (B, O, T)
+    if g.device.type == "cpu" and O * I >= _CPU_PER_EXAMPLE_MIN:
+        # CPU, large blocks: one example at a time into a reused buffer, squared and accumulated in one fused
+        # pass (addcmul_). 15-40% faster than chunked bmm + square_ + sum(0), which streams every block
+        # through memory three times once blocks outgrow the caches; never more memory than a chunk.
+        pe = ws.get(O * I, g.device)[: O * I].view(O, I)
+        for i in range(B):
+            torch.mm(gt[i], a[i], out=pe)  # per-example gradient (O, I)
+            out.addcmul_(pe, pe)
+        return out
     step = max(1, min(B, ws.chunk_elements // max(1, O * I)))
     buf = ws.get(step * O * I, g.device)
-    gt = g.transpose(1, 2)  # (B, O, T)
     for s in range(0, B, step):  # loop over chunks of examples (the memory knob), not over examples
         n = min(step, B - s)
         pe = torch.bmm(gt[s : s + n], a[s : s + n], out=buf[: n * O * I].view(n, O, I))  # per-example grads

@@ -142,3 +142,21 @@ def test_other_bad_inputs_raise():
         calibrate_masks(model, iter(data), fwd, rounds=2, progress=False)
     with pytest.raises(ValueError, match="unknown parameter"):
         calibrate_masks(model, data, fwd, params=["missing"], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "negative", "zeros_and_inf", "few_values", "heavy_tail"])
+def test_radix_kth_smallest_equals_kthvalue(kind):
+    from talos.calibration import _kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    n = 2**20 + 37  # large enough for the radix path
+    x = {
+        "uniform": lambda: torch.rand(n, generator=g),
+        "negative": lambda: -torch.rand(n, generator=g),
+        "zeros_and_inf": lambda: torch.cat([torch.zeros(n // 3), -torch.zeros(n // 3),
+                                            torch.full((n - 2 * (n // 3),), float("inf"))]),
+        "few_values": lambda: torch.randint(0, 5, (n,), generator=g).float(),
+        "heavy_tail": lambda: torch.randn(n, generator=g).exp() ** 8,
+    }[kind]()
+    for k in (1, 2, n // 10, n // 2, n - 1, n):
+        assert _kth_smallest(x, k).item() == torch.kthvalue(x, k).values.item()

@@ -215,3 +215,21 @@ def test_bad_inputs_raise():
         fisher_scores(model, b, lambda m, x: m(x).sum(1))
     with pytest.raises(ValueError, match="no batches"):
         fisher_scores(model, [], fwd)
+
+
+def test_large_cpu_blocks_take_the_per_example_path_and_are_exact():
+    # blocks of >= 2**16 elements use the one-example-at-a-time CPU path of _sq_outer_sum
+    from talos.fisher import _CPU_PER_EXAMPLE_MIN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 320), nn.GELU(), nn.Linear(320, 7))
+    assert 256 * 320 >= _CPU_PER_EXAMPLE_MIN
+    x = torch.randn(6, 5, 256)  # 5 positions per example
+
+    def fwd(m, b):
+        return m(b).mean(1)
+
+    ref = fisher_scores_reference(model, [x], fwd, generator=torch.Generator().manual_seed(1))
+    fast = fisher_scores(model, [x], fwd, generator=torch.Generator().manual_seed(1))
+    for n in ref:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-10)
