@@ -335,6 +335,7 @@ class _Capture:
 
 class _Recorder:
     def __init__(self) -> None:
+        self.active = True  # False once the forward is done (recomputations are not recorded)
         self.captures: list[_Capture] = []
         self.calls: dict[int, int] = {}
         self.invalid: set[int] = set()
@@ -360,10 +361,12 @@ def _mha_forward(
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if query.dim() != 3 or (mha.training and mha.dropout > 0):
-            rec.invalid.add(id(mha))
+            if rec.active:
+                rec.invalid.add(id(mha))
             return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                             attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        rec.calls[id(mha)] = rec.calls.get(id(mha), 0) + 1
+        if rec.active:
+            rec.calls[id(mha)] = rec.calls.get(id(mha), 0) + 1
         same = query is key and key is value
         if not mha.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
@@ -373,7 +376,7 @@ def _mha_forward(
 
         def proj(x: Tensor, rows: slice) -> Tensor:
             y = F.linear(x, W[rows], None if b is None else b[rows])
-            if in_names:
+            if in_names and rec.active:
                 rec.add(_Capture(id(mha), mha, in_names, lin_rule, (x.detach(),), y, y._version, rows))
             return y
 
@@ -398,7 +401,7 @@ def _mha_forward(
             weights = None
         o = o.transpose(1, 2).reshape(B, L, E)  # (B, L, E)
         out = F.linear(o, mha.out_proj.weight, mha.out_proj.bias)
-        if out_names:
+        if out_names and rec.active:
             rec.add(_Capture(id(mha.out_proj), mha.out_proj, out_names, lin_rule, (o.detach(),), out, out._version))
         if not mha.batch_first:
             out = out.transpose(0, 1)
@@ -434,6 +437,8 @@ def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recor
         for key, (mod, rule, names) in plan.ruled.items():
 
             def hook(m, inputs, output, key=key, rule=rule, names=names):
+                if not rec.active:
+                    return
                 rec.calls[key] = rec.calls.get(key, 0) + 1
                 if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
                     rec.invalid.add(key)
@@ -540,68 +545,74 @@ def _score_batches(
                 v.zero_()
         with _recording(model, plan, ws) as rec:
             out = forward_fn(model, batch)
-        if out.dim() != 2:
-            raise ValueError(f"forward_fn must return per-example class scores [B, C], got shape {tuple(out.shape)}")
-        B = out.shape[0]
-        labels = draw_labels(out, draws, generator)
-        obj = per_example_objective(out, labels, target)  # (B, draws)
-
-        # Captures that cannot be trusted (module called twice, output modified in place, batch dim not found)
-        # send their parameters to the exact fallback for this batch.
-        bad = set(rec.invalid) | {k for k, c in rec.calls.items() if c > 1}
-        for c in rec.captures:
-            if c.output._version != c.version or not c.output.requires_grad or _batch_dim(c.output, B) is None:
-                bad.add(c.key)
-        for mha, _ in plan.mha.values():  # an MHA and its out_proj stand or fall together
-            if id(mha) in bad or id(mha.out_proj) in bad:
-                bad.update((id(mha), id(mha.out_proj)))
-        good = [c for c in rec.captures if c.key not in bad]
-        fallback = list(plan.fallback)
-        for c in rec.captures:
-            if c.key in bad:
-                fallback += list(c.names.values())
-        for key in bad:
-            if key in plan.ruled:
-                fallback += list(plan.ruled[key][2].values())
-            elif key in plan.mha:
-                fallback += list(plan.mha[key][1].values())
-        fallback = list(dict.fromkeys(fallback))
-        new = [n for n in fallback if n not in warned]
-        if new:
-            warned.update(new)
-            logger.warning(
-                "Fisher: %d parameter(s) use the exact per-example fallback (slower): %s",
-                len(new), ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
-            )
-
-        for d in range(draws):
-            s = obj[:, d]  # (B,)
-            if good:
-                grads = torch.autograd.grad(
-                    s.sum(), [c.output for c in good], retain_graph=True, allow_unused=True
+            # The recording hooks and the observable MHA forwards stay installed until this batch's gradients
+            # are taken, but record nothing more: under (non-reentrant) activation checkpointing the backward
+            # re-runs the forward of checkpointed blocks, which must execute the same code as the first time.
+            rec.active = False
+            if out.dim() != 2:
+                raise ValueError(
+                    f"forward_fn must return per-example class scores [B, C], got shape {tuple(out.shape)}"
                 )
-                for c, g in zip(good, grads):
-                    if g is None:
-                        continue
-                    ins = c.inputs
-                    if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
-                        g = g.movedim(1, 0)
-                        ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
-                    contrib = c.rule(c.module, ins, g)
-                    for attr, name in c.names.items():
-                        if attr in contrib:
-                            if c.rows is not None:
-                                scores[name][c.rows] += contrib[attr]
-                            else:
-                                scores[name] += contrib[attr].view_as(scores[name])
-            if fallback:
-                leaves = [plan.targets[n].leaf() for n in fallback]
-                for i in range(B):  # exact but slow: one backward per example, only for these parameters
-                    gs = torch.autograd.grad(s[i], leaves, retain_graph=True, allow_unused=True)
-                    for n, g in zip(fallback, gs):
-                        if g is not None:
-                            scores[n] += g.float().square()
-        del out, obj, rec
+            B = out.shape[0]
+            labels = draw_labels(out, draws, generator)
+            obj = per_example_objective(out, labels, target)  # (B, draws)
+
+            # Captures that cannot be trusted (module called twice, output modified in place, batch dim not found)
+            # send their parameters to the exact fallback for this batch.
+            bad = set(rec.invalid) | {k for k, c in rec.calls.items() if c > 1}
+            for c in rec.captures:
+                if c.output._version != c.version or not c.output.requires_grad or _batch_dim(c.output, B) is None:
+                    bad.add(c.key)
+            for mha, _ in plan.mha.values():  # an MHA and its out_proj stand or fall together
+                if id(mha) in bad or id(mha.out_proj) in bad:
+                    bad.update((id(mha), id(mha.out_proj)))
+            good = [c for c in rec.captures if c.key not in bad]
+            fallback = list(plan.fallback)
+            for c in rec.captures:
+                if c.key in bad:
+                    fallback += list(c.names.values())
+            for key in bad:
+                if key in plan.ruled:
+                    fallback += list(plan.ruled[key][2].values())
+                elif key in plan.mha:
+                    fallback += list(plan.mha[key][1].values())
+            fallback = list(dict.fromkeys(fallback))
+            new = [n for n in fallback if n not in warned]
+            if new:
+                warned.update(new)
+                logger.warning(
+                    "Fisher: %d parameter(s) use the exact per-example fallback (slower): %s",
+                    len(new), ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
+                )
+
+            for d in range(draws):
+                s = obj[:, d]  # (B,)
+                if good:
+                    grads = torch.autograd.grad(
+                        s.sum(), [c.output for c in good], retain_graph=True, allow_unused=True
+                    )
+                    for c, g in zip(good, grads):
+                        if g is None:
+                            continue
+                        ins = c.inputs
+                        if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
+                            g = g.movedim(1, 0)
+                            ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
+                        contrib = c.rule(c.module, ins, g)
+                        for attr, name in c.names.items():
+                            if attr in contrib:
+                                if c.rows is not None:
+                                    scores[name][c.rows] += contrib[attr]
+                                else:
+                                    scores[name] += contrib[attr].view_as(scores[name])
+                if fallback:
+                    leaves = [plan.targets[n].leaf() for n in fallback]
+                    for i in range(B):  # exact but slow: one backward per example, only for these parameters
+                        gs = torch.autograd.grad(s[i], leaves, retain_graph=True, allow_unused=True)
+                        for n, g in zip(fallback, gs):
+                            if g is not None:
+                                scores[n] += g.float().square()
+            del out, obj
         if totals is not None:
             for n, v in scores.items():
                 totals[n] += v

@@ -233,3 +233,42 @@ def test_large_cpu_blocks_take_the_per_example_path_and_are_exact():
     fast = fisher_scores(model, [x], fwd, generator=torch.Generator().manual_seed(1))
     for n in ref:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_kind", ["toy", "open_clip"])
+def test_exact_and_fast_under_non_reentrant_activation_checkpointing(model_kind, caplog):
+    # the backward re-runs checkpointed forwards: the observable MHA forward must still be installed then
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    if model_kind == "toy":
+
+        class Ckpt(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = ToyViT()
+                self.grad_checkpointing = False
+
+            def forward(self, x):
+                if self.grad_checkpointing:
+                    return checkpoint(self.inner, x, use_reentrant=False)
+                return self.inner(x)
+
+        model, batches = Ckpt(), image_batches(2, 5)
+    else:
+        from open_clip.transformer import VisionTransformer
+
+        model = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0,
+                                  output_dim=6)
+        batches = [torch.randn(4, 3, 32, 32)]
+    direct = ("pos", "class_embedding", "positional_embedding", "proj")  # scored by the fallback by design
+    names = [n for n, _ in model.named_parameters() if n.split(".")[-1] not in direct]
+    ref = fisher_scores(model, batches, fwd, params=names, generator=torch.Generator().manual_seed(3))
+    if model_kind == "open_clip":
+        model.set_grad_checkpointing(True)
+    else:
+        model.grad_checkpointing = True
+    with caplog.at_level(logging.WARNING, logger="talos"):
+        got = fisher_scores(model, batches, fwd, params=names, generator=torch.Generator().manual_seed(3))
+    assert "fallback" not in caplog.text
+    assert_close_scores(got, ref, rtol=1e-5)
