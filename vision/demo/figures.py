@@ -76,8 +76,8 @@ class Predictor:
         preds = [model(x[i : i + 512].to(self.setup.device)).argmax(-1).cpu() for i in range(0, len(x), 512)]
         return torch.cat(preds)
 
-    def accuracy(self, edit, task: str, linearized: bool) -> float:
-        return float((self.predict(edit, task, linearized) == self.data[task][1]).float().mean())
+    def accuracy(self, edit, task: str, linearized: bool, n: int | None = None) -> float:
+        return float((self.predict(edit, task, linearized, n) == self.data[task][1][:n]).float().mean())
 
 
 def _combo(tvs, coefs):
@@ -203,7 +203,8 @@ def _grid(n: int) -> tuple[int, int]:
     return max(1, math.ceil(n / cols)), cols
 
 
-def plot_disentanglement(xi: dict[str, torch.Tensor], pair: tuple[str, str], path: Path, plt) -> None:
+def plot_disentanglement(xi: dict[str, torch.Tensor], pair: tuple[str, str], path: Path, plt,
+                         n_examples: int) -> None:
     modes = list(xi)
     rows, cols = _grid(len(modes))
     fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 3.5 * rows), squeeze=False)
@@ -220,15 +221,17 @@ def plot_disentanglement(xi: dict[str, torch.Tensor], pair: tuple[str, str], pat
         if k % cols == 0:
             ax.set_ylabel(f"α1 ({_short(pair[0])})", fontsize=8)
         inner = xi[m][[i for i, a in enumerate(XI_ALPHAS) if 0 <= a <= 1]][:, [i for i, a in enumerate(XI_ALPHAS) if 0 <= a <= 1]]
-        ax.set_title(f"{m}: mean ξ on [0,1]² = {float(inner.mean()):.2f}", fontsize=9)
+        ax.set_title(f"{m}\nmean ξ on [0,1]² = {float(inner.mean()):.2f}", fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="ξ(α1, α2)  (0 = disentangled, max 2)")
-    fig.suptitle(f"Weight disentanglement error, {_short(pair[0])} + {_short(pair[1])} (test images)", fontsize=11)
+    fig.suptitle(f"Weight disentanglement error ξ(α1, α2), {_short(pair[0])} + {_short(pair[1])} "
+                 f"(first {n_examples} test images of each)", fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_accuracy_ratio(ratio: dict[str, list[list[float]]], tasks: list[str], path: Path, plt) -> None:
+def plot_accuracy_ratio(ratio: dict[str, list[list[float]]], tasks: list[str], path: Path, plt,
+                        n_examples: int) -> None:
     from matplotlib.colors import TwoSlopeNorm
 
     modes = list(ratio)
@@ -256,7 +259,8 @@ def plot_accuracy_ratio(ratio: dict[str, list[list[float]]], tasks: list[str], p
         ax.set_title(m, fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="acc(θ0 + τ_i on j) / acc(θ0 on j)")
-    fig.suptitle("Accuracy ratio to zero-shot (test); red < 1: the task vector hurts task j", fontsize=11)
+    fig.suptitle(f"Accuracy ratio to zero-shot (first {n_examples} test images per task, α = 1); "
+                 "red < 1: task vector i hurts task j", fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -308,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("figures")
     g.add_argument("--figures-dir", required=True, help="where the PNGs and diagnostics.json go")
     g.add_argument("--pair", default=None, help="two comma-separated tasks for ξ (default: the first two)")
-    g.add_argument("--xi-examples", type=int, default=200, help="test images per task for ξ")
+    g.add_argument("--xi-examples", type=int, default=100, help="test images per task for ξ")
+    g.add_argument("--ratio-examples", type=int, default=200, help="test images per task for the accuracy ratios")
     g.add_argument("--modes", default=None, help="comma-separated modes (default: every registered mode)")
     return p
 
@@ -347,16 +352,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except FileNotFoundError as e:
             diag["skipped_modes"][m] = str(e).split(";")[0]
     setup = VisionSetup(args)
-    pred = Predictor(setup, tasks)
-    zs = {t: pred.accuracy(None, t, False) for t in tasks}
-    diag["zeroshot_test"] = zs
+    pred = Predictor(setup, tasks, max_examples=max(args.ratio_examples, args.xi_examples))
+    nr = args.ratio_examples
+    zs = {t: pred.accuracy(None, t, False, nr) for t in tasks}
+    diag["zeroshot_test_subset"] = zs
     xi, ratio, norms, cos = {}, {}, {}, {}
     for m in tqdm(list(tvs), desc="figures (modes)"):
         lin = get_mode(m).eval_linearized
         vs = tvs[m]
         norms[m] = {t: vs[t].norm() for t in tasks}
         cos[m] = {a: {b: vs[a].dot(vs[b]) / max(1e-12, norms[m][a] * norms[m][b]) for b in tasks} for a in tasks}
-        ratio[m] = [[pred.accuracy(vs[i], j, lin) / max(1e-9, zs[j]) for j in tasks] for i in tasks]
+        ratio[m] = [[pred.accuracy(vs[i], j, lin, nr) / max(1e-9, zs[j]) for j in tasks] for i in tasks]
         t1, t2 = vs[pair[0]], vs[pair[1]]
         from talos.protocols import disentanglement_error
 
@@ -368,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     diag.update(task_vector_norm=norms, task_vector_cosine=cos, accuracy_ratio=ratio,
                 xi={m: v.tolist() for m, v in xi.items()})
     if xi:
-        plot_disentanglement(xi, pair, out / "disentanglement.png", plt)
-        plot_accuracy_ratio(ratio, tasks, out / "accuracy_ratio.png", plt)
+        plot_disentanglement(xi, pair, out / "disentanglement.png", plt, args.xi_examples)
+        plot_accuracy_ratio(ratio, tasks, out / "accuracy_ratio.png", plt, args.ratio_examples)
         written += ["disentanglement.png", "accuracy_ratio.png"]
 
     if "talos" in tvs:
