@@ -252,6 +252,7 @@ def calibrate_masks(
                 "not a one-shot iterator"
             )
         keep = _global_keep(scores, keep, k, names)
+        del scores  # not held while the next round scores (one N-sized float32 copy less at the peak)
         logger.info("calibration round %d/%d: density %.4f (%d / %d entries kept)", r, rounds, d_r, k, total)
         if callback is not None:
             callback(r, d_r, keep)

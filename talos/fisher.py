@@ -612,7 +612,11 @@ def _score_batches(
                         for n, g in zip(fallback, gs):
                             if g is not None:
                                 scores[n] += g.float().square()
-            del out, obj
+            # drop every reference to this batch's graph and activations before the next forward (the
+            # captures hold layer outputs, whose grad_fn keeps the whole graph alive): peak = one batch
+            del out, obj, labels, s
+            good = grads = contrib = c = g = ins = None
+        del rec
         if totals is not None:
             for n, v in scores.items():
                 totals[n] += v
