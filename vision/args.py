@@ -67,6 +67,10 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze class/positional embeddings and the output projection (exactly sparse task "
                         "vectors); off reproduces the official code, which trains them densely")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="activation checkpointing of the image encoder's blocks (non-reentrant) in calibration "
+                        "and fine-tuning: less activation memory for more time (benchmarks/efficiency.py measures "
+                        "the trade); not for modes trained through the linearized model (linear, llora)")
     g = p.add_argument_group("data")
     g.add_argument("--train-dataset", default=None, help="task to fine-tune on (finetune.py)")
     g.add_argument("--eval-datasets", type=_csv, default=list(TASKS), help="comma-separated tasks to evaluate")
@@ -140,6 +144,9 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
         raise ValueError("--control-threshold must be in (0, 1]")
     for name in list(args.eval_datasets) + [args.control_dataset] + ([args.train_dataset] if args.train_dataset else []):
         DATASETS.get(base_name(name))
+    if need_train_dataset and args.grad_checkpointing and mode.eval_linearized and mode.source_mode is None:
+        raise ValueError(f"--grad-checkpointing cannot train {mode.name} (torch.func.jvp does not support "
+                         "activation checkpointing); drop the flag for this mode")
     if need_train_dataset:
         if not args.train_dataset:
             raise ValueError("--train-dataset is required")

@@ -47,6 +47,8 @@ class VisionSetup:
         )
         self._clip = clip
         self._heads: dict[str, Tensor] = {}
+        if getattr(args, "grad_checkpointing", False):  # non-reentrant: Fisher scores keep their fast path
+            clip.visual.set_grad_checkpointing(True)
         self.classifier = ImageClassifier(clip.visual, torch.zeros(1, 1)).to(self.device)
         self.eligible, self.dense = split_parameters(self.classifier, args.freeze_embeddings)
 

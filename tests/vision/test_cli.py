@@ -202,3 +202,13 @@ def test_distributed_finetune_and_eval_write_one_copy(data, tmp_path):
     single = eval_single_task.main(common(data, tmp_path / "runs", "--finetuning-mode", "talos",
                                           "--eval-datasets", "SynthShapes"))
     assert single["test"]["finetuned"]["SynthShapes"] == sharded["talos"]["SynthShapes"]
+
+
+def test_grad_checkpointing_flag():
+    from vision.args import parse_args
+
+    base = ["--model", "talos-tiny-vit", "--pretrained", "none", "--train-dataset", "SynthShapes", "--device", "cpu",
+            "--grad-checkpointing"]
+    assert parse_args(base + ["--finetuning-mode", "talos"], need_train_dataset=True).grad_checkpointing
+    with pytest.raises(SystemExit):  # torch.func.jvp cannot run through checkpointed blocks
+        parse_args(base + ["--finetuning-mode", "linear"], need_train_dataset=True)
