@@ -38,7 +38,8 @@ def _mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
 
 
 class Predictor:
-    """Class predictions of θ0 + edit on cached test images of each task (the eval preprocessing).
+    """Class predictions of θ0 + edit on cached test images of each task (the eval preprocessing): a seeded
+    random subset of ``max_examples``; ``predict(..., n)`` uses its first ``n``.
 
     Holds one VisionSetup (one model load for every mode); ``linearized`` evaluates through the
     first-order Taylor model around θ0, as the pipeline does for linear / posthoc / llora.
@@ -54,7 +55,9 @@ class Predictor:
         for t in tasks:
             ds = setup.dataset(t, "test")
             n = len(ds) if max_examples is None else min(len(ds), max_examples)
-            xs, ys = zip(*(ds[i] for i in range(n)))
+            # a seeded random subset: image folders are sorted by class, so the first n would be few classes
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+            xs, ys = zip(*(ds[i] for i in order))
             self.data[t] = (torch.stack(xs), torch.tensor(ys))
 
     def _apply(self, edit) -> None:
@@ -225,7 +228,7 @@ def plot_disentanglement(xi: dict[str, torch.Tensor], pair: tuple[str, str], pat
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="ξ(α1, α2)  (0 = disentangled, max 2)")
     fig.suptitle(f"Weight disentanglement error ξ(α1, α2), {_short(pair[0])} + {_short(pair[1])} "
-                 f"(first {n_examples} test images of each)", fontsize=11)
+                 f"({n_examples} random test images of each)", fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -259,7 +262,7 @@ def plot_accuracy_ratio(ratio: dict[str, list[list[float]]], tasks: list[str], p
         ax.set_title(m, fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="acc(θ0 + τ_i on j) / acc(θ0 on j)")
-    fig.suptitle(f"Accuracy ratio to zero-shot (first {n_examples} test images per task, α = 1); "
+    fig.suptitle(f"Accuracy ratio to zero-shot ({n_examples} random test images per task, α = 1); "
                  "red < 1: task vector i hurts task j", fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -356,6 +359,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     nr = args.ratio_examples
     zs = {t: pred.accuracy(None, t, False, nr) for t in tasks}
     diag["zeroshot_test_subset"] = zs
+    full = results.get("single_task", {}).get("zeroshot", {})
+    for t in tasks:  # the subset should be representative of the test split
+        if t in full and abs(full[t] - zs[t]) > 0.1:
+            logger.warning("zero-shot accuracy of %s on the figure subset (%.3f) is far from the full test split "
+                           "(%.3f)", t, zs[t], full[t])
     xi, ratio, norms, cos = {}, {}, {}, {}
     for m in tqdm(list(tvs), desc="figures (modes)"):
         lin = get_mode(m).eval_linearized
