@@ -12,10 +12,13 @@ the trainable tensors, ``build_optimizer(...)``'s step, ``zero_grad``. Reported 
 
 * ``step_s``: median seconds per iteration after warm-up (pooled over ``--repeats`` round-robin passes over
   the modes, so background load on shared cores hits every mode alike);
-* ``peak_mem_mb``: CUDA ``max_memory_allocated`` during training, or on CPU the process peak RSS (VmHWM:
-  ``ru_maxrss`` would inherit the parent's peak across fork+exec on Linux). Every mode runs in its own
-  subprocess so peaks do not mix; ``base_mem_mb`` is the RSS before ``mode.prepare`` (imports, model, data)
-  and ``train_mem_mb = peak - base`` what training itself adds;
+* ``peak_mem_mb``: CUDA ``max_memory_allocated`` during training, or on CPU the process peak RSS (VmHWM).
+  Every job (each mode, the calibration, the masks) runs in its own process so peaks do not mix: by default
+  forked from the orchestrator after it has imported torch/open_clip/transformers once (it never runs a torch
+  op), so each child starts with the same resident libraries a fresh interpreter would have, and Linux resets
+  VmHWM at the fork (``ru_maxrss`` would instead inherit the parent's peak); ``--isolation spawn`` starts a
+  fresh interpreter per job instead. ``base_mem_mb`` is the RSS before ``mode.prepare`` (imports, model,
+  data) and ``train_mem_mb = peak - base`` what training itself adds;
 * ``trainable`` entries, ``frozen_tensors`` (eligible tensors that get no gradient at all), ``eligible_tensors``,
   ``optimizer_state_mb`` (``talos.optim.masked_state_bytes``: moments, steps, index/mask buffers).
 
@@ -26,11 +29,17 @@ the ablations from their own ``masks``. ``posthoc`` trains nothing (it evaluates
 through the linearized model): its row is n/a and names the mode whose cost it reuses.
 
 Calibration (per example): TaLoS's whole calibration (``rounds`` Fisher passes with soft masks and global
-thresholds) / (rounds x examples), next to one plain forward+backward (eval mode, gradients of the eligible
-tensors) and the anchor algorithm of the official code (one batched forward, then one backward per example
-with ``retain_graph``). The anchor's backwards all cost the same (each walks the whole batch graph), so by
-default only the first ``--anchor-examples`` of them are timed and the per-example cost is
-``forward / B + mean backward``; ``--anchor-examples 0`` runs all of them.
+thresholds) / (rounds x examples), after a warm-up forward+backward and Fisher pass, next to one plain
+forward+backward (eval mode, gradients of the eligible tensors; timed between the calibration rounds and after
+them, so both see the same machine load) and the anchor algorithm of the official code (one batched forward,
+then one backward per example with ``retain_graph``). The anchor's backwards all cost the same (each walks the
+whole batch graph), so by default only the first ``--anchor-examples`` of them are timed and the per-example
+cost is ``forward / B + mean backward``; ``--anchor-examples 0`` runs all of them.
+
+Activation checkpointing (``--grad-checkpointing``): open_clip's non-reentrant per-block checkpointing and
+transformers' ``activation_checkpointing_enable(use_reentrant=False)`` (non-reentrant, so Fisher scoring keeps its
+exact fast path; transformers checkpoints only in training mode). ``--baseline`` adds the time/memory ratios
+against a run without it. The linearized modes cannot train under it (``torch.func.jvp``): reported n/a.
 """
 from __future__ import annotations
 
@@ -320,7 +329,11 @@ def _nlp_bench(spec: NLPSpec, cfg: Config):
     if cfg.grad_checkpointing:
         # non-reentrant: reentrant checkpointing runs the block under no_grad (Fisher would lose its fast path).
         # transformers checkpoints only in training mode, so calibration (eval mode) is not affected.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     g = torch.Generator().manual_seed(cfg.seed + 1)
     V = conf.vocab_size
     return Bench(
@@ -851,8 +864,32 @@ def _num(x, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def markdown(result: dict) -> str:
-    """Tables of one result (one backbone per domain) and its target checks."""
+def trade_lines(result: dict, baseline: dict, name: str) -> list[str]:
+    """How ``result`` compares with ``baseline`` (same preset, e.g. with vs without activation checkpointing)."""
+    gc = result["config"]["grad_checkpointing"] and not baseline["config"]["grad_checkpointing"]
+    what = "activation checkpointing: its trade" if gc else "comparison"
+    lines = ["", f"### {what} versus `{name}` (same preset)", "",
+             "| domain | mode | step (ms): baseline -> this | time x | peak mem (MB): baseline -> this | train mem x |",
+             "|---|---|---:|---:|---:|---:|"]
+    for d in ("vision", "nlp"):
+        for m, r in (result.get(d) or {}).items():
+            b = (baseline.get(d) or {}).get(m) or {}
+            if not r.get("step_s") or not b.get("step_s"):
+                continue
+            tm = (r["train_mem_mb"] / b["train_mem_mb"]) if r.get("train_mem_mb") and b.get("train_mem_mb") else None
+            lines.append(f"| {d} | {m} | {b['step_s'] * 1e3:.1f} -> {r['step_s'] * 1e3:.1f} | "
+                         f"{r['step_s'] / b['step_s']:.2f} | {b['peak_mem_mb']:.0f} -> {r['peak_mem_mb']:.0f} | "
+                         f"{_num(tm, '.2f')} |")
+        c, bc = result.get("calibration", {}).get(d, {}), baseline.get("calibration", {}).get(d, {})
+        if c.get("per_example_s") and bc.get("per_example_s"):
+            lines.append(f"| {d} | calibration (per example) | {bc['per_example_s'] * 1e3:.1f} -> "
+                         f"{c['per_example_s'] * 1e3:.1f} | {c['per_example_s'] / bc['per_example_s']:.2f} | "
+                         f"{bc['peak_mem_mb']:.0f} -> {c['peak_mem_mb']:.0f} | |")
+    return lines
+
+
+def markdown(result: dict, baseline: dict | None = None, baseline_name: str = "baseline") -> str:
+    """Tables of one result (one backbone per domain) and its target checks (and the trade vs a baseline)."""
     cfg = result["config"]
     lines = [f"## Efficiency: preset `{result['preset']}` on {result['device']}, {result['date']}",
              "",
@@ -910,6 +947,8 @@ def markdown(result: dict) -> str:
         for t in result["targets"]:
             verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
             lines.append(f"| {t['domain']} | {t['target']} | {_num(t['value'], '.3f')} | {verdict} |")
+    if baseline is not None:
+        lines += trade_lines(result, baseline, baseline_name)
     return "\n".join(lines) + "\n"
 
 
@@ -940,6 +979,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--isolation", default="fork" if hasattr(os, "fork") else "spawn", choices=ISOLATIONS,
                    help="how each job gets its own process: fork (from this process after importing the libraries "
                         "once), spawn (fresh interpreter per job), none (all in this process: peaks mix; tests)")
+    p.add_argument("--baseline", default=None,
+                   help="a result JSON of the same preset (e.g. without --grad-checkpointing): adds a table of "
+                        "time and memory ratios against it")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print its result
     args = p.parse_args(argv)
 
@@ -974,10 +1016,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for vspec, nspec in pairs:
         res = run_pair(cfg, vspec, nspec, isolation=args.isolation)
         out = Path(stem)
+        names = "_".join(s.name for s in (vspec, nspec) if s is not None)
         if len(pairs) > 1:
-            names = "_".join(s.name for s in (vspec, nspec) if s is not None)
             out = out.with_name(f"{out.stem}_{names}{out.suffix}")
-        md = markdown(res)
+        base = None
+        if args.baseline:
+            bpath = Path(args.baseline)
+            if len(pairs) > 1:
+                bpath = bpath.with_name(f"{bpath.stem}_{names}{bpath.suffix}")
+            if bpath.exists():
+                base = json.loads(bpath.read_text())
+                res["baseline"] = str(bpath.relative_to(ROOT) if bpath.resolve().is_relative_to(ROOT) else bpath)
+            else:
+                print(f"baseline {bpath} not found: no comparison table")
+        md = markdown(res, base, bpath.name if base is not None else "")
         print("\n" + md)
         out.parent.mkdir(parents=True, exist_ok=True)
         from talos.io import atomic_write_json

@@ -14,5 +14,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 start=$(date +%s)
 $PY benchmarks/efficiency.py --preset "$PRESET" "$@"
 # activation checkpointing: its trade on the dense baseline, TaLoS and the linearized model
-$PY benchmarks/efficiency.py --preset "$PRESET" --grad-checkpointing --modes standard,talos,lora,linear --repeats 1 "$@"
+$PY benchmarks/efficiency.py --preset "$PRESET" --grad-checkpointing --modes standard,talos,lora,linear --repeats 1 \
+    --baseline "benchmarks/results/efficiency_${PRESET}.json" "$@"
 echo "efficiency ($PRESET): $(( $(date +%s) - start )) s"

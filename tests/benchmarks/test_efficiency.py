@@ -86,3 +86,15 @@ def test_bad_flags_exit():
         efficiency.main(["--preset", "test", "--modes", "no_such_mode"])
     with pytest.raises(SystemExit):
         efficiency.main(["--preset", "test", "--domains", "audio"])
+
+
+def test_grad_checkpointing_run_with_baseline_table(result, tmp_path):
+    _, base = result
+    (res,) = efficiency.main(["--preset", "test", "--isolation", "none", "--grad-checkpointing", "--modes",
+                              "standard,talos,linear", "--baseline", str(base), "--out", str(tmp_path / "gc.json")])
+    assert res["config"]["grad_checkpointing"]
+    for domain in ("vision", "nlp"):
+        assert "error" not in res[domain]["talos"] and res[domain]["talos"]["step_s"] > 0
+        assert res[domain]["linear"]["unsupported"]  # torch.func.jvp cannot run through checkpoints
+    md = (tmp_path / "gc.md").read_text()
+    assert "activation checkpointing: its trade" in md and "| vision | talos |" in md
