@@ -1026,8 +1026,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 bpath = bpath.with_name(f"{bpath.stem}_{names}{bpath.suffix}")
             if bpath.exists():
                 base = json.loads(bpath.read_text())
-                res["baseline"] = str(bpath.relative_to(ROOT) if bpath.resolve().is_relative_to(ROOT) else bpath)
-            else:
+                if base.get("backbones") != res["backbones"] or base.get("device") != res["device"]:
+                    print(f"baseline {bpath} is for other backbones or another device: no comparison table")
+                    base = None
+            if base is not None:
+                rb = bpath.resolve()
+                res["baseline"] = str(rb.relative_to(ROOT) if rb.is_relative_to(ROOT) else rb)
+            elif not bpath.exists():
                 print(f"baseline {bpath} not found: no comparison table")
         md = markdown(res, base, bpath.name if base is not None else "")
         print("\n" + md)
