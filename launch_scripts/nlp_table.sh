@@ -14,41 +14,11 @@ MODEL=${1:?usage: nlp_table.sh MODEL [STORYCLOZE_DIR] [SAVE]}
 STORYCLOZE=${2:-${STORYCLOZE_DIR:-}}
 SAVE=${3:-runs}
 PY=${PYTHON:-python}
+DOMAIN=nlp
 TASKS=(qasc wiki_qa quartz paws story_cloze winogrande wsc)
-TAG=${MODEL//\//__}
+RESULTS="$SAVE/nlp-${MODEL//\//__}-results.json"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-COMMON=(--model "$MODEL" --save "$SAVE" --results-json "$SAVE/nlp-$TAG-results.json" "${EXTRA[@]}")
+COMMON=(--model "$MODEL" --save "$SAVE" --results-json "$RESULTS" ${EXTRA[@]+"${EXTRA[@]}"})
 if [ -n "$STORYCLOZE" ]; then COMMON+=(--storycloze-dir "$STORYCLOZE"); fi
-MODES=$($PY -c "from talos.modes import run_order; print(' '.join(run_order()))")
-MERGES=$($PY -c "from talos.merges import MERGES; print(' '.join(MERGES.names()))")
-NGPU=${NGPU:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
-NPROC_PER_TASK=${NPROC_PER_TASK:-1}
-finetune_all() {  # $1 = mode
-  local i=0 pids=()
-  for task in "${TASKS[@]}"; do
-    if [ "$NPROC_PER_TASK" -gt 1 ]; then
-      torchrun --standalone --nproc_per_node="$NPROC_PER_TASK" nlp/finetune.py "${COMMON[@]}" \
-        --finetuning-mode "$1" --train-dataset "$task"
-    elif [ "$NGPU" -gt 1 ]; then
-      CUDA_VISIBLE_DEVICES=$((i % NGPU)) $PY nlp/finetune.py "${COMMON[@]}" --finetuning-mode "$1" \
-        --train-dataset "$task" > "$SAVE/finetune-nlp-$TAG-$1-$task.log" 2>&1 &
-      pids+=($!)
-      i=$((i + 1))
-      if [ $((i % NGPU)) -eq 0 ]; then for p in "${pids[@]}"; do wait "$p"; done; pids=(); fi
-    else
-      $PY nlp/finetune.py "${COMMON[@]}" --finetuning-mode "$1" --train-dataset "$task"
-    fi
-  done
-  for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done  # a failed fine-tune stops the script
-}
-mkdir -p "$SAVE"
-for mode in $MODES; do
-  finetune_all "$mode"
-  $PY nlp/eval_single_task.py "${COMMON[@]}" --finetuning-mode "$mode"
-  $PY nlp/eval_task_addition.py "${COMMON[@]}" --finetuning-mode "$mode"
-  $PY nlp/eval_task_negation.py "${COMMON[@]}" --finetuning-mode "$mode"
-done
-for merge in $MERGES; do
-  $PY nlp/eval_task_addition.py "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
-done
-$PY -m talos.report "$SAVE/nlp-$TAG-results.json" --out "$SAVE/nlp-$TAG-results.md"
+source launch_scripts/_table.sh
+run_table

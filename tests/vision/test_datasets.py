@@ -26,6 +26,7 @@ from vision.datasets import (
     is_val,
     split_train_val,
 )
+from vision.demo.world import TASKS as DEMO_TASKS
 from vision.synthetic import SYNTHETIC_TASKS, make_synthetic_datasets
 from vision.templates import TEMPLATES, fill, get_templates
 
@@ -155,7 +156,10 @@ def test_missing_data_error_names_dataset_path_and_command(name, tmp_path):
     message = str(err)
     assert err.dataset == name and name in message
     assert str(err.path) in message and err.path.is_relative_to(spec.folder(location))
-    command = f"python vision/prepare_datasets.py --dataset {name} --data-location '{location}'"
+    if name in DEMO_TASKS:  # the demo world is generated, not downloaded
+        command = f"python -m vision.demo.world --data-location '{location}'"
+    else:
+        command = f"python vision/prepare_datasets.py --dataset {name} --data-location '{location}'"
     assert err.command == command and command in message
     with pytest.raises(DatasetNotFoundError):  # get_dataset checks before building
         get_dataset(name + "Val", "test", None, location)
@@ -414,8 +418,11 @@ def test_synthetic_rerun_replaces_only_its_own_output(tmp_path):
 def test_templates_exist_and_format(name):
     templates = DATASETS.get(name).templates
     assert templates and all(isinstance(t, str) for t in templates)
-    family = "Synthetic" if name in SYNTHETIC_TASKS else name
-    assert get_templates(family + "Val") == get_templates(family) == templates
+    if name in DEMO_TASKS:  # the demo world's templates live with its task definitions
+        assert templates == list(DEMO_TASKS[name].templates)
+    else:
+        family = "Synthetic" if name in SYNTHETIC_TASKS else name
+        assert get_templates(family + "Val") == get_templates(family) == templates
     for t in templates:
         assert t.count("{}") == 1 and t.count("{") == 1 and t.count("}") == 1
         assert "tabby cat" in t.format("tabby cat") and fill(t, "a {b}") == t.replace("{}", "a {b}")
