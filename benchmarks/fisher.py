@@ -8,7 +8,6 @@ norms). All three algorithms run in this one process on the same batch, so the r
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

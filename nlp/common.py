@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from talos import distributed as dist
+from talos.cli import RunPaths
 from talos.modes import get_mode
-from talos.paths import EvalRun, FinetuneRun
 from talos.pipeline import EditEvaluator
-from talos.task_vector import TaskVector
 
 from .args import finetune_hparams
 from .datasets import get_examples
@@ -23,17 +22,10 @@ logger = logging.getLogger("talos")
 DOMAIN = "nlp"
 
 
-def finetune_run(args: argparse.Namespace, task: str) -> FinetuneRun:
-    """Where the fine-tuning run of ``task`` under ``args`` lives."""
-    return FinetuneRun(args.save, DOMAIN, args.model, args.finetuning_mode, task, finetune_hparams(args, task))
-
-
-def eval_run(args: argparse.Namespace, protocol: str, extra: Mapping[str, Any] | None = None) -> EvalRun:
-    """Where an evaluation's results live: hashed over the task runs it reads and its own settings."""
-    tasks = sorted(args.eval_datasets)
-    h = {"runs": {t: finetune_run(args, t).hash for t in tasks}, "mode": args.finetuning_mode,
-         "n_eval_points": args.n_eval_points, **dict(extra or {})}
-    return EvalRun(args.save, DOMAIN, args.model, protocol, h)
+RUNS = RunPaths(DOMAIN, finetune_hparams)
+finetune_run = RUNS.finetune  # (args, task) -> FinetuneRun
+eval_run = RUNS.evaluation  # (args, protocol, extra=None) -> EvalRun
+load_task_vectors = RUNS.task_vectors  # (args, tasks, mode=None) -> {task: TaskVector}
 
 
 def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,23 +107,3 @@ def make_evaluator(args: argparse.Namespace) -> EditEvaluator:
     setup = NLPSetup(args)
     return EditEvaluator(setup.model, setup.eligible, setup.accuracy,
                          linearized=get_mode(args.finetuning_mode).eval_linearized)
-
-
-def load_task_vectors(args: argparse.Namespace, tasks: Sequence[str], mode: str | None = None) -> dict[str, TaskVector]:
-    """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode evaluates);
-    a missing one names the command that produces it."""
-    if mode is None:
-        m = get_mode(args.finetuning_mode)
-        mode = m.source_mode or m.name
-    margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
-    out = {}
-    for t in tasks:
-        run = finetune_run(margs, t)
-        if not run.task_vector.exists():
-            raise FileNotFoundError(
-                f"no task vector for {t} ({mode}) at {run.task_vector}; run: python nlp/finetune.py "
-                f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} --save {args.save} "
-                "(with the same hyperparameters)"
-            )
-        out[t] = TaskVector.load(run.task_vector)
-    return out

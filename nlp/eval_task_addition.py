@@ -8,11 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # `python nlp/<script>.py` from the repository root
-    # the script's folder must not be on the path: nlp/datasets.py would shadow Hugging Face `datasets`
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # (nlp/datasets.py would shadow HF `datasets`)
 
 from nlp.evaluate import main as _main
 

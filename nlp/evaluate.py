@@ -15,52 +15,26 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # `python nlp/<script>.py` from the repository root
-    # the script's folder must not be on the path: nlp/datasets.py would shadow Hugging Face `datasets`
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # (nlp/datasets.py would shadow HF `datasets`)
 
 from talos import distributed as dist
-from talos.merges import merge_kwargs_from_args
-from talos.pipeline import PROTOCOLS, run_protocol
-from talos.runinfo import run_metadata
-from talos.tracking import Tracker
+from talos.pipeline import evaluate_from_args
 
 from nlp.args import parse_args
-from nlp.common import data_kwargs, eval_run, load_task_vectors, make_evaluator
+from nlp.common import RUNS, data_kwargs, make_evaluator
 from nlp.datasets import check_tasks
-
-logger = logging.getLogger("talos")
 
 
 def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one protocol for ``--finetuning-mode`` over ``--eval-datasets``; returns its results."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, description=__doc__)
     args.device = dist.init_from_env(args.device)  # torchrun: evaluation examples are sharded over ranks
-    tasks = list(args.eval_datasets)
-    check_tasks(tasks + ([args.control_dataset] if protocol == "negation" else []), splits=("val", "test"),
-                **data_kwargs(args))  # fail before loading any model
-    extra: dict[str, Any] = {}
-    if protocol == "addition":
-        extra = {"merge": args.merge, "merge_kwargs": merge_kwargs_from_args(args, args.merge)}
-    elif protocol == "negation":
-        extra = {"control": args.control_dataset, "threshold": args.control_threshold}
-    run = eval_run(args, protocol, extra)
-    return run_protocol(
-        protocol, run=run, single_task_run=eval_run(args, "single_task"), mode=args.finetuning_mode,
-        load_task_vectors=lambda: load_task_vectors(args, tasks), make_evaluator=lambda: make_evaluator(args),
-        control=args.control_dataset, merge=args.merge, merge_kwargs=extra.get("merge_kwargs"),
-        n_points=args.n_eval_points, threshold=args.control_threshold, seed=args.seed,
-        config={"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)},
-        make_tracker=lambda r: Tracker(args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                                       name=f"{args.model}-{args.finetuning_mode}-{protocol}-{r.hash}",
-                                       config=vars(args), dir=r.dir),
-        results_json=args.results_json,
-    )
+    return evaluate_from_args(
+        protocol, args, argv, runs=RUNS,
+        check_data=lambda tasks: check_tasks(tasks, splits=("val", "test"), **data_kwargs(args)),
+        make_evaluator=lambda: make_evaluator(args))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from talos import distributed as dist
 from talos.io import load_tensors, save_tensors
-from talos.linearize import LinearizedModel
-from talos.modes import get_mode
-from talos.paths import EvalRun, FinetuneRun, head_path
-from talos.task_vector import TaskVector
+from talos.pipeline import EditEvaluator
+from talos.cli import RunPaths
+from talos.paths import head_path
 
 from .args import finetune_hparams
 from .datasets import DATASETS, base_name, get_dataset
@@ -23,17 +22,10 @@ logger = logging.getLogger("talos")
 DOMAIN = "vision"
 
 
-def finetune_run(args: argparse.Namespace, task: str) -> FinetuneRun:
-    """Where the fine-tuning run of ``task`` under ``args`` lives."""
-    return FinetuneRun(args.save, DOMAIN, args.model, args.finetuning_mode, task, finetune_hparams(args, task))
-
-
-def eval_run(args: argparse.Namespace, protocol: str, extra: Mapping[str, Any] | None = None) -> EvalRun:
-    """Where an evaluation's results live: hashed over the task runs it reads and its own settings."""
-    tasks = sorted(args.eval_datasets)
-    h = {"runs": {t: finetune_run(args, t).hash for t in tasks}, "mode": args.finetuning_mode,
-         "n_eval_points": args.n_eval_points, **dict(extra or {})}
-    return EvalRun(args.save, DOMAIN, args.model, protocol, h)
+RUNS = RunPaths(DOMAIN, finetune_hparams)
+finetune_run = RUNS.finetune  # (args, task) -> FinetuneRun
+eval_run = RUNS.evaluation  # (args, protocol, extra=None) -> EvalRun
+load_task_vectors = RUNS.task_vectors  # (args, tasks, mode=None) -> {task: TaskVector}
 
 
 class VisionSetup:
@@ -99,37 +91,23 @@ def logits_forward(model: torch.nn.Module, batch: Any) -> Tensor:
     return model(images)
 
 
-class Evaluator:
+class Evaluator(EditEvaluator):
     """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split (talos.evaluation's interface).
 
     With ``linearized`` the model is its first-order Taylor expansion around θ0 (linear, post-hoc, L-LoRA).
+    The task's zero-shot head is swapped in before each evaluation; under ``torchrun`` each rank evaluates
+    every world_size-th example and the counts are summed.
     """
 
     def __init__(self, setup: VisionSetup, linearized: bool = False) -> None:
         self.setup = setup
-        self.theta0 = setup.trainable_state()
-        self.linearized = linearized
-        self._lin = LinearizedModel(setup.classifier, list(self.theta0)) if linearized else None
-        self._zs: dict[tuple[str, str], float] = {}
-
-    def _apply(self, edit: TaskVector | None) -> None:
-        named = dict(self.setup.classifier.named_parameters())
-        with torch.no_grad():
-            for n, v in self.theta0.items():
-                named[n].copy_(v)
-            if edit is not None:
-                for n in edit.keys():
-                    if n not in named:
-                        raise ValueError(f"task vector entry {n!r} is not a parameter of {self.setup.args.model}")
-                    named[n].add_(edit[n].to(named[n].device, named[n].dtype))
+        super().__init__(setup.classifier, setup.eligible + setup.dense, self._accuracy, linearized=linearized)
 
     @torch.no_grad()
-    def accuracy(self, task: str, split: str) -> float:
-        model = self.setup.use_task(task).eval()
-        if self._lin is not None:
-            model = self._lin.eval()
+    def _accuracy(self, model: torch.nn.Module, task: str, split: str) -> float:
+        self.setup.use_task(task)  # the head is a buffer of the classifier: the linearized wrapper sees it too
         ds = self.setup.dataset(task, split)
-        if dist.is_distributed():  # each rank evaluates every world_size-th example; counts are summed
+        if dist.is_distributed():
             ds = torch.utils.data.Subset(ds, list(range(dist.rank(), len(ds), dist.world_size())))
         correct = total = 0
         dev = self.setup.device
@@ -142,32 +120,3 @@ class Evaluator:
         counts = torch.tensor([correct, total], dtype=torch.float64, device=dev)
         dist.all_reduce_sum_([counts])
         return float(counts[0]) / max(1.0, float(counts[1]))
-
-    def __call__(self, edit: TaskVector | None, task: str, split: str) -> float:
-        if edit is None and (task, split) in self._zs:
-            return self._zs[(task, split)]
-        self._apply(edit)
-        acc = self.accuracy(task, split)
-        if edit is None:
-            self._zs[(task, split)] = acc
-        return acc
-
-
-def load_task_vectors(args: argparse.Namespace, tasks: list[str], mode: str | None = None) -> dict[str, TaskVector]:
-    """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode evaluates);
-    a missing one says which command produces it."""
-    if mode is None:
-        m = get_mode(args.finetuning_mode)
-        mode = m.source_mode or m.name
-    margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
-    out = {}
-    for t in tasks:
-        run = finetune_run(margs, t)
-        if not run.task_vector.exists():
-            raise FileNotFoundError(
-                f"no task vector for {t} ({mode}) at {run.task_vector}; run: python vision/finetune.py "
-                f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} "
-                f"--save {args.save} (with the same hyperparameters)"
-            )
-        out[t] = TaskVector.load(run.task_vector)
-    return out

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python vision/<script>.py`: import from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # (vision/datasets.py would shadow HF `datasets`)
 
 from vision.datasets import DATASETS, DatasetNotFoundError, base_name  # noqa: E402
 from vision.synthetic import SYNTHETIC_TASKS, make_synthetic_datasets  # noqa: E402

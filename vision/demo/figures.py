@@ -18,7 +18,6 @@ Modes whose task vectors are missing (a failed or skipped run) are left out and 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -47,10 +46,11 @@ class Predictor:
 
     def __init__(self, setup, tasks: Sequence[str], max_examples: int | None = None) -> None:
         from talos.linearize import LinearizedModel
+        from talos.pipeline import ParameterEditor
 
         self.setup = setup
-        self.theta0 = setup.trainable_state()
-        self.lin = LinearizedModel(setup.classifier, list(self.theta0))
+        self.editor = ParameterEditor(setup.classifier, setup.eligible + setup.dense)
+        self.lin = LinearizedModel(setup.classifier, setup.eligible + setup.dense)
         self.data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for t in tasks:
             ds = setup.dataset(t, "test")
@@ -60,18 +60,9 @@ class Predictor:
             xs, ys = zip(*(ds[i] for i in order))
             self.data[t] = (torch.stack(xs), torch.tensor(ys))
 
-    def _apply(self, edit) -> None:
-        named = dict(self.setup.classifier.named_parameters())
-        with torch.no_grad():
-            for n, v in self.theta0.items():
-                named[n].copy_(v)
-            if edit is not None:
-                for n in edit.keys():
-                    named[n].add_(edit[n].to(named[n].device, named[n].dtype))
-
     @torch.no_grad()
     def predict(self, edit, task: str, linearized: bool, n: int | None = None) -> torch.Tensor:
-        self._apply(edit)
+        self.editor.apply(edit)
         model = self.setup.use_task(task).eval()
         if linearized:
             model = self.lin.eval()

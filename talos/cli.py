@@ -1,0 +1,230 @@
+"""Command-line flags and checks shared by the domain scripts (``vision/args.py``, ``nlp/args.py``).
+
+Each domain's ``args.py`` stays the one place its flags are declared: it calls these builders for the groups
+every domain has (method, evaluation, runs) with its own defaults, and adds its model, data and schedule flags.
+Validation raises ``ValueError`` (turned into an argparse error by :func:`parse_validated`) before any model
+or data loads.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .paths import EvalRun, FinetuneRun
+    from .task_vector import TaskVector
+
+__all__ = [
+    "csv_list", "add_method_flags", "add_task_flags", "add_step_flags", "add_evaluation_flags", "add_run_flags",
+    "validate_common", "resolve_device", "method_hparams", "parse_validated", "RunPaths",
+]
+
+
+def csv_list(s: str) -> list[str]:
+    """``"a,b,,c"`` -> ``["a", "b", "c"]`` (argparse ``type=``)."""
+    return [x for x in s.split(",") if x]
+
+
+def add_method_flags(p: argparse.ArgumentParser, *, fisher_target: str, fisher_target_help: str,
+                     draws_help: str, calibration_batches_help: str, calibration_batch_size: int | None,
+                     calibration_batch_size_help: str | None, lora_scaling: str,
+                     lora_scaling_help: str) -> argparse._ArgumentGroup:
+    """The ``method`` group: mode, sparsity, calibration, Fisher target, LoRA. Returns the group."""
+    from .fisher import TARGETS
+    from .modes import MODES
+
+    g = p.add_argument_group("method")
+    g.add_argument("--finetuning-mode", default="talos", help=f"one of: {', '.join(MODES.names())}")
+    g.add_argument("--sparsity", type=float, default=0.9, help="fraction of eligible entries frozen (sparse modes)")
+    g.add_argument("--calibration-rounds", type=int, default=4, help="TaLoS calibration rounds R")
+    g.add_argument("--soft-mask", type=float, default=0.1,
+                   help="factor on dropped weights during later calibration rounds (0 = hard pruning)")
+    g.add_argument("--fisher-target", default=fisher_target, choices=list(TARGETS), help=fisher_target_help)
+    g.add_argument("--fisher-draws", type=int, default=1, help=draws_help)
+    g.add_argument("--calibration-batches", type=int, default=None, help=calibration_batches_help)
+    g.add_argument("--calibration-batch-size", type=int, default=calibration_batch_size,
+                   help=calibration_batch_size_help)
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA / L-LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA / L-LoRA alpha")
+    g.add_argument("--lora-scaling", default=lora_scaling, choices=["alpha", "alpha_over_rank"],
+                   help=lora_scaling_help)
+    return g
+
+
+def add_task_flags(g: argparse._ArgumentGroup, *, tasks: Sequence[str], control: str) -> None:
+    """Task selection in the ``data`` group: the fine-tuned task, the evaluated tasks, the negation control."""
+    g.add_argument("--train-dataset", default=None, help="task to fine-tune on (finetune.py)")
+    g.add_argument("--eval-datasets", type=csv_list, default=list(tasks), help="comma-separated tasks to evaluate")
+    g.add_argument("--control-dataset", default=control, help="control task of the negation protocol")
+
+
+def add_step_flags(g: argparse._ArgumentGroup) -> None:
+    """The end of the ``optimisation`` group: clipping, precision, seed, resume checkpoints."""
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (<= 0 disables)")
+    g.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="default: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps between resume checkpoints")
+
+
+def add_evaluation_flags(p: argparse.ArgumentParser, *, eval_batch_size: int,
+                         merge_defaults: Mapping[str, Mapping[str, Any]]) -> None:
+    """The ``evaluation`` group (coefficient grid, negation threshold, merge and its hyperparameters)."""
+    from .merges import MERGES, add_merge_flags
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--n-eval-points", type=int, default=21, help="coefficients on [0, 1] for addition/negation")
+    g.add_argument("--control-threshold", type=float, default=0.95,
+                   help="negation keeps control accuracy >= this x zero-shot")
+    g.add_argument("--merge", default="sum", help=f"one of: {', '.join(MERGES.names())}")
+    g.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
+    add_merge_flags(p, merge_defaults)
+
+
+def add_run_flags(p: argparse.ArgumentParser, *, wandb_project: str) -> None:
+    """The ``runs`` group: where artifacts go, device, wandb, progress bars, shared results, interruption."""
+    g = p.add_argument_group("runs")
+    g.add_argument("--save", default="runs", help="root folder of all artifacts")
+    g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (works with WANDB_MODE=offline)")
+    g.add_argument("--wandb-project", default=wandb_project)
+    g.add_argument("--wandb-entity", default=None)
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--results-json", default=None,
+                   help="evaluation scripts also merge their results into this shared results.json")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop fine-tuning after this many optimizer steps, checkpoint kept (simulates an "
+                        "interruption; rerun without it to resume)")
+
+
+def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
+                    check_task: Callable[[str], Any]) -> Any:
+    """Checks of the shared flags; ``check_task(name)`` raises on an unknown task. Returns the mode."""
+    from .merges import MERGES
+    from .modes import MODES
+
+    mode = MODES.get(args.finetuning_mode)  # unknown names raise with the valid list
+    MERGES.get(args.merge)
+    if not (0.0 < args.sparsity < 1.0):  # also rejects NaN
+        raise ValueError(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if args.calibration_rounds < 1:
+        raise ValueError("--calibration-rounds must be >= 1")
+    if not (0.0 <= args.soft_mask <= 1.0):
+        raise ValueError("--soft-mask must be in [0, 1]")
+    if args.lora_rank < 1 or args.lora_alpha <= 0:
+        raise ValueError("--lora-rank must be >= 1 and --lora-alpha > 0")
+    if args.fisher_draws < 1:
+        raise ValueError("--fisher-draws must be >= 1")
+    if args.calibration_batches is not None and args.calibration_batches < 1:
+        raise ValueError("--calibration-batches must be >= 1")
+    if args.calibration_batch_size is not None and args.calibration_batch_size < 1:
+        raise ValueError("--calibration-batch-size must be >= 1")
+    if args.eval_batch_size < 1:
+        raise ValueError("--eval-batch-size must be >= 1")
+    if args.lr <= 0 or args.wd < 0:
+        raise ValueError("--lr must be > 0 and --wd >= 0")
+    if args.n_eval_points < 2:
+        raise ValueError("--n-eval-points must be >= 2")
+    if not (0.0 < args.control_threshold <= 1.0):
+        raise ValueError("--control-threshold must be in (0, 1]")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError("--stop-after must be >= 1")
+    if need_train_dataset and not args.train_dataset:
+        raise ValueError("--train-dataset is required")
+    if not args.eval_datasets:
+        raise ValueError("--eval-datasets is empty")
+    for name in list(args.eval_datasets) + [args.control_dataset] + ([args.train_dataset] if args.train_dataset else []):
+        check_task(name)  # unknown tasks raise with the valid list
+    args.mode_sparse = mode.sparse
+    return mode
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere)."""
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = "bf16" if str(args.device).startswith("cuda") else "fp32"
+
+
+def method_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """The method hyperparameters that define a fine-tuning run of ``--finetuning-mode`` (part of its hash)."""
+    from .modes import MODES
+
+    mode = MODES.get(args.finetuning_mode)
+    h: dict[str, Any] = {}
+    if mode.sparse:
+        h["sparsity"] = args.sparsity
+    if mode.uses_lora:
+        h.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_scaling=args.lora_scaling)
+    if mode.needs_calibration:
+        h.update(rounds=args.calibration_rounds, soft_mask=args.soft_mask, fisher_target=args.fisher_target,
+                 fisher_draws=args.fisher_draws, calibration_batches=args.calibration_batches,
+                 calibration_batch_size=args.calibration_batch_size)
+    return h
+
+
+def parse_validated(parser: argparse.ArgumentParser, validate: Callable[..., argparse.Namespace],
+                    argv: Sequence[str] | None, **kwargs: Any) -> argparse.Namespace:
+    """Parse, then ``validate(args, **kwargs)``; argparse-style exit (code 2) with the message on a bad value."""
+    args = parser.parse_args(argv)
+    try:
+        return validate(args, **kwargs)
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable
+
+
+class RunPaths:
+    """A domain's run folders from its parsed flags: ``finetune(args, task)`` and ``evaluation(args, protocol)``.
+
+    ``finetune_hparams(args, task)`` is the domain's dict of the hyperparameters that define a fine-tuning run;
+    evaluation folders hash the fine-tuning runs they read plus their own settings, so changing any
+    fine-tuning flag gives new evaluation folders too.
+    """
+
+    def __init__(self, domain: str, finetune_hparams: Callable[[argparse.Namespace, str], Mapping[str, Any]]) -> None:
+        self.domain = domain
+        self.finetune_hparams = finetune_hparams
+
+    def finetune(self, args: argparse.Namespace, task: str) -> "FinetuneRun":
+        """Where the fine-tuning run of ``task`` under ``args`` lives."""
+        from .paths import FinetuneRun
+
+        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task,
+                           dict(self.finetune_hparams(args, task)))
+
+    def evaluation(self, args: argparse.Namespace, protocol: str,
+                   extra: Mapping[str, Any] | None = None) -> "EvalRun":
+        """Where an evaluation's results live: hashed over the task runs it reads and its own settings."""
+        from .paths import EvalRun
+
+        tasks = sorted(args.eval_datasets)
+        h = {"runs": {t: self.finetune(args, t).hash for t in tasks}, "mode": args.finetuning_mode,
+             "n_eval_points": args.n_eval_points, **dict(extra or {})}
+        return EvalRun(args.save, self.domain, args.model, protocol, h)
+
+    def task_vectors(self, args: argparse.Namespace, tasks: Sequence[str],
+                     mode: str | None = None) -> dict[str, "TaskVector"]:
+        """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode
+        evaluates, e.g. ``standard`` for ``posthoc``); a missing one names the command that produces it."""
+        from .modes import get_mode
+        from .task_vector import TaskVector
+
+        if mode is None:
+            m = get_mode(args.finetuning_mode)
+            mode = m.source_mode or m.name
+        margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
+        out = {}
+        for t in tasks:
+            run = self.finetune(margs, t)
+            if not run.task_vector.exists():
+                raise FileNotFoundError(
+                    f"no task vector for {t} ({mode}) at {run.task_vector}; run: python {self.domain}/finetune.py "
+                    f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} --save {args.save} "
+                    "(with the same hyperparameters)"
+                )
+            out[t] = TaskVector.load(run.task_vector)
+        return out
