@@ -208,14 +208,14 @@ def rms_norm_rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, T
 
 def _conv1d_rule(ws: Any) -> Any:
     """GPT-2 ``Conv1D``: y = x @ W + b with W [in, out], i.e. a linear layer with a transposed weight."""
-    from talos.fisher import _sq_outer_sum
+    from talos.fisher import sq_outer_sum
 
     def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
         B = g.shape[0]
         a = inputs[0].reshape(B, -1, inputs[0].shape[-1])  # [B, T, in]
         g3 = g.reshape(B, -1, g.shape[-1])  # [B, T, out]
         # Σ_i (g_iᵀ a_i)² is [out, in]; the weight is stored [in, out]
-        return {"weight": _sq_outer_sum(g3, a, ws).T.contiguous(), "bias": g3.float().sum(1).square().sum(0)}
+        return {"weight": sq_outer_sum(g3, a, ws).T.contiguous(), "bias": g3.float().sum(1).square().sum(0)}
 
     return rule
 

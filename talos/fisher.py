@@ -70,8 +70,13 @@ class _Workspace:
 _CPU_PER_EXAMPLE_MIN = 2**16
 
 
-def _sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
-    """sum_i (g_i^T a_i)^2 for g [B, T, O], a [B, T, I] -> [O, I] (float32)."""
+def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
+    """sum_i (g_i^T a_i)^2 for g [B, T, O], a [B, T, I] -> [O, I] (float32).
+
+    The squared per-example weight gradients of any linear map y = a W^T summed over the batch, without
+    materialising more than ``ws``'s chunk of them at once. ``ws`` is the workspace a rule ``factory`` receives
+    (see :func:`register_per_example_rule`); rules for new linear-like layers build on this.
+    """
     B, T, O = g.shape
     I = a.shape[-1]
     g, a = g.float(), a.float()
@@ -107,7 +112,7 @@ def _linear_rule(ws: _Workspace) -> PerExampleRule:
     def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
         a, g3 = _as_btd(inputs[0]), _as_btd(g)
         # the bias entry is cheap, so always computed: MHA in-projection slices have no `bias` attribute
-        return {"weight": _sq_outer_sum(g3, a, ws), "bias": g3.float().sum(1).square().sum(0)}
+        return {"weight": sq_outer_sum(g3, a, ws), "bias": g3.float().sum(1).square().sum(0)}
 
     return rule
 
@@ -119,7 +124,7 @@ def _conv2d_rule(ws: _Workspace) -> PerExampleRule:
         a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         a = a.transpose(1, 2)  # (B, L, Cin*kh*kw)
         g3 = g.flatten(2).transpose(1, 2)  # (B, L, Cout)
-        out = {"weight": _sq_outer_sum(g3, a, ws).view_as(m.weight)}
+        out = {"weight": sq_outer_sum(g3, a, ws).view_as(m.weight)}
         if m.bias is not None:
             out["bias"] = g3.float().sum(1).square().sum(0)
         return out
@@ -191,8 +196,8 @@ def register_per_example_rule(
 
     ``rule(module, inputs, grad_output)`` receives the module's forward inputs and the gradient of its (single
     tensor) output, batch first, and returns ``{param attr: sum_i (d s_i / d param)^2}``. ``factory(workspace)``
-    may be given instead to build a rule that shares the per-call workspace (see ``_sq_outer_sum``). ``accepts(module)`` can refuse
-    instances the rule does not cover (they then use the exact fallback).
+    may be given instead to build a rule that shares the per-call workspace (see :func:`sq_outer_sum`).
+    ``accepts(module)`` can refuse instances the rule does not cover (they then use the exact fallback).
     """
     if (rule is None) == (factory is None):
         raise ValueError("give exactly one of rule= or factory=")
@@ -723,6 +728,7 @@ __all__ = [
     "TARGETS",
     "draw_labels",
     "fisher_scores",
+    "sq_outer_sum",
     "fisher_scores_reference",
     "per_example_objective",
     "register_per_example_rule",

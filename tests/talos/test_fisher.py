@@ -218,7 +218,7 @@ def test_bad_inputs_raise():
 
 
 def test_large_cpu_blocks_take_the_per_example_path_and_are_exact():
-    # blocks of >= 2**16 elements use the one-example-at-a-time CPU path of _sq_outer_sum
+    # blocks of >= 2**16 elements use the one-example-at-a-time CPU path of sq_outer_sum
     from talos.fisher import _CPU_PER_EXAMPLE_MIN
 
     torch.manual_seed(0)
