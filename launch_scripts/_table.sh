@@ -1,5 +1,6 @@
 # Shared by vision_table.sh and nlp_table.sh (sourced, not run): every mode's per-task fine-tunes, spread
-# over the visible GPUs, then the three evaluations per mode, every merge, and the markdown report.
+# over the visible GPUs, then the three evaluations per mode, every merge (addition and negation), and the
+# markdown report.
 # Expects: DOMAIN (vision|nlp), TASKS (array), COMMON (array of flags for every script), RESULTS (json path),
 # PY. GPUs: NGPU (default: nvidia-smi's count) runs the independent fine-tunes of a mode NGPU at a time, one
 # task per GPU (logs in $SAVE/finetune-*.log); NPROC_PER_TASK=K instead runs each fine-tune on K GPUs with
@@ -40,6 +41,9 @@ run_table() {
   done
   for merge in $merges; do
     "$PY" "$DOMAIN/eval_task_addition.py" "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
+    if [ "$merge" != sum ]; then  # (sum is the standard row of the negation table already)
+      "$PY" "$DOMAIN/eval_task_negation.py" "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
+    fi
   done
   "$PY" -m talos.report "$RESULTS" --out "${RESULTS%.json}.md"
 }

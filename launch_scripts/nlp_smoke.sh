@@ -38,6 +38,9 @@ for mode in $MODES; do
 done
 for merge in $MERGES; do
   run nlp/eval_task_addition.py "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
+  if [ "$merge" != sum ]; then
+    run nlp/eval_task_negation.py "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
+  fi
 done
 
 if [[ "${SMOKE_SUBPROCESS:-0}" == 1 ]]; then

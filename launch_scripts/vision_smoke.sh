@@ -29,5 +29,8 @@ for mode in $MODES; do
 done
 for merge in $MERGES; do
   $PY vision/eval_task_addition.py "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
+  if [ "$merge" != sum ]; then
+    $PY vision/eval_task_negation.py "${COMMON[@]}" --finetuning-mode standard --merge "$merge"
+  fi
 done
 $PY -m talos.report "$OUT/results.json" --out "$OUT/results.md"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
-from .merges import merge
+from .merges import merge, negation_edits
 from .protocols import (
     choose_addition_coef,
     choose_negation_coef,
@@ -79,9 +79,17 @@ def task_negation(
     *,
     threshold: float = 0.95,
     n_points: int = 21,
+    merge_method: str = "sum",
+    merge_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per task, θ0 − α τ_t with the α that minimises target val accuracy while the control val accuracy
-    stays ≥ ``threshold`` × zero-shot; reports target/control test accuracy averaged over tasks."""
+    stays ≥ ``threshold`` × zero-shot; reports target/control test accuracy averaged over tasks.
+
+    With a merge method other than ``sum``, τ_t is replaced by that method's version of it
+    (:func:`talos.merges.negation_edits`: e.g. TIES-trimmed, or the task's TALL-masks edit).
+    """
+    if merge_method != "sum":
+        task_vectors = negation_edits(merge_method, task_vectors, **dict(merge_kwargs or {}))
     zs_control_val = evaluate(None, control, "val")
     per_task: dict[str, tuple[float, float]] = {}
     coefs: dict[str, float] = {}

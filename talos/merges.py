@@ -10,6 +10,11 @@ Registered methods (hyperparameters and defaults in :data:`MERGE_HPARAMS`):
 * ``tall_masks``   TALL-masks (Wang et al., 2024): one edit per task, m_t ⊙ τ_MTL (returns a dict).
 * ``consensus``    Consensus Task Arithmetic (same paper): τ_MTL on coordinates kept by ≥ k TALL masks.
 
+Task negation with a merge (:func:`negation_edits`) subtracts, per task, the merge's version of that task's
+vector: the task's own edit for per-task methods (TALL-masks), the method applied to that vector alone for
+the others (TIES trims it, DARE drops and rescales, Breadcrumbs keeps its band, ``sum`` leaves it), and for
+Consensus the vector on the coordinates that the consensus of all tasks selects.
+
 Every method takes ``vectors: Mapping[task, TaskVector]`` (identical keys and shapes) and keyword-only
 hyperparameters, never modifies its inputs, and computes in float32 (float64 when any input tensor is
 float64); its outputs are in that dtype, except ``sum`` which keeps TaskVector addition's dtype rules.
@@ -40,6 +45,7 @@ __all__ = [
     "merge_breadcrumbs",
     "merge_tall_masks",
     "merge_consensus",
+    "negation_edits",
 ]
 
 MergeFn = Callable[..., "TaskVector | dict[str, TaskVector]"]
@@ -48,6 +54,8 @@ MergeFn = Callable[..., "TaskVector | dict[str, TaskVector]"]
 #: task -> TaskVector when the method builds one edit per task (TALL-masks). The protocols then scale the
 #: result by one coefficient chosen on validation data (θ0 + α · merged).
 MERGES: Registry[MergeFn] = Registry("merge method")
+#: methods that return one edit per task (a dict), evaluated each on its own task.
+PER_TASK = {"tall_masks"}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -339,6 +347,12 @@ def merge(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> "Task
     Unknown method names raise ValueError with the valid list; hyperparameters the method does not take
     raise ValueError listing the accepted ones; out-of-range values raise ValueError from the method.
     """
+    _check_hparams(name, hparams)
+    return MERGES.get(name)(vectors, **hparams)
+
+
+def _check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
+    """ValueError for an unknown method (with the valid list) or a hyperparameter it does not take."""
     fn = MERGES.get(name)
     accepted = _hparams_of(fn)
     unknown = sorted(set(hparams) - set(accepted))
@@ -348,7 +362,33 @@ def merge(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> "Task
             f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for merge method {name!r}; "
             f"accepted (with defaults): {listed}"
         )
-    return fn(vectors, **hparams)
+
+
+def _consensus_negation(vectors: Mapping[str, TaskVector], *, k: int = 2, lam: float = 0.2) -> dict[str, TaskVector]:
+    """Per task, τ_t on the coordinates selected by at least ``k`` TALL masks of all tasks (else 0)."""
+    selected = merge_consensus(vectors, k=k, lam=lam)
+    names, vs, keys = _tasks(vectors)
+    dtype = _compute_dtype(vs)
+    with torch.no_grad():
+        return {n: TaskVector({key: torch.where(selected[key] != 0, _as(v[key], dtype), 0.0) for key in keys})
+                for n, v in zip(names, vs)}
+
+
+#: merges whose negation edits are not "the method applied to each task's vector alone" (see the module doc).
+NEGATION_OVERRIDES: dict[str, Callable[..., dict[str, TaskVector]]] = {"consensus": _consensus_negation}
+
+
+def negation_edits(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> dict[str, TaskVector]:
+    """Per task, the vector that task negation subtracts (θ0 − α · edit[t]) under merge method ``name``.
+
+    Validation (unknown method or hyperparameter, bad values) is that of :func:`merge`.
+    """
+    _check_hparams(name, hparams)
+    if name in NEGATION_OVERRIDES:
+        return NEGATION_OVERRIDES[name](vectors, **hparams)
+    if name in PER_TASK:
+        return merge(name, vectors, **hparams)  # type: ignore[return-value]
+    return {t: merge(name, {t: v}, **hparams) for t, v in vectors.items()}  # type: ignore[misc]
 
 
 def add_merge_flags(parser: Any, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:

@@ -179,8 +179,11 @@ def export_results(path: str, protocol: str, mode: str, result: Mapping[str, Any
         if mode == "standard":
             update_results(path, "merges", merge, row)
     elif protocol == "negation":
-        update_results(path, "negation", mode,
-                       {"target": result["target"], "control": result["control"], "coef": result["coef"]})
+        row = {k: result[k] for k in ("target", "control", "coef")}
+        if merge == "sum":
+            update_results(path, "negation", mode, row)
+        if mode == "standard":
+            update_results(path, "negation_merges", merge, row)
     else:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
 
@@ -245,7 +248,8 @@ def run_protocol(
                 merge_kwargs=merge_kwargs, n_points=n_points,
                 on_point=lambda a, accs: tracker.log({f"addition/val/{t}": v for t, v in accs.items()}))
         else:
-            result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points)
+            result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points,
+                                              merge_method=merge, merge_kwargs=merge_kwargs)
         if dist.is_main():
             atomic_write_json(run.results, result)
         dist.barrier()
@@ -330,6 +334,8 @@ def evaluate_from_args(protocol: str, args: argparse.Namespace, argv: Sequence[s
         extra = {"merge": args.merge, "merge_kwargs": merge_kwargs_from_args(args, args.merge)}
     elif protocol == "negation":
         extra = {"control": args.control_dataset, "threshold": args.control_threshold}
+        if args.merge != "sum":  # (sum keeps the folders negation runs had before merges applied to it)
+            extra.update(merge=args.merge, merge_kwargs=merge_kwargs_from_args(args, args.merge))
     return run_protocol(
         protocol, run=runs.evaluation(args, protocol, extra), single_task_run=runs.evaluation(args, "single_task"),
         mode=args.finetuning_mode, load_task_vectors=lambda: runs.task_vectors(args, tasks),

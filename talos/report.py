@@ -5,6 +5,7 @@ Schema::
      "addition": {mode: {"absolute", "normalized", "coef"}},
      "negation": {mode: {"target", "control", "coef"}},
      "merges": {merge: {"absolute", "normalized", "coef"}},
+     "negation_merges": {merge: {"target", "control", "coef"}},
      "task_vector_density": {mode: {task: fraction of nonzero entries over the fine-tuned tensors}}}
 
 Evaluation scripts given ``--results-json PATH`` merge their section into that file (atomically).
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 
 from .io import atomic_write_bytes, atomic_write_json, read_json
 
-SECTIONS = ("single_task", "addition", "negation", "merges", "task_vector_density")
+SECTIONS = ("single_task", "addition", "negation", "merges", "negation_merges", "task_vector_density")
 
 
 def update_results(path: str | os.PathLike, section: str, key: str, value: Any) -> dict[str, Any]:
@@ -51,7 +52,9 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         lines.append("")
     for section, title, cols in (("addition", "Task addition", ("absolute", "normalized", "coef")),
                                  ("merges", "Merges of standard task vectors (addition)", ("absolute", "normalized", "coef")),
-                                 ("negation", "Task negation", ("target", "control", "coef"))):
+                                 ("negation", "Task negation", ("target", "control", "coef")),
+                                 ("negation_merges", "Merges of standard task vectors (negation)",
+                                  ("target", "control", "coef"))):
         rows = results.get(section, {})
         if not rows:
             continue

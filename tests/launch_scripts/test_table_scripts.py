@@ -65,8 +65,10 @@ def test_one_task_per_gpu_every_mode_and_merge(domain, tmp_path):
         assert sorted(c.split("|")[0] for c in mine) == sorted(str(i % 3) for i in range(len(tasks)))
     for kind in ("eval_single_task", "eval_task_addition", "eval_task_negation"):
         assert sum(f"{domain}/{kind}.py" in c for c in calls) >= len(run_order())
-    merges = [c for c in calls if "--merge " in c]
+    merges = [c for c in calls if "--merge " in c and "eval_task_addition" in c]
     assert sorted(c.split("--merge ")[1].split()[0] for c in merges) == sorted(MERGES.names())
+    negations = [c for c in calls if "--merge " in c and "eval_task_negation" in c]
+    assert sorted(c.split("--merge ")[1].split()[0] for c in negations) == sorted(set(MERGES.names()) - {"sum"})
     assert "talos.report" in calls[-1]
     assert len(list((tmp_path / "runs").glob("finetune-*.log"))) == len(finetunes)
 

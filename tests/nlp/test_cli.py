@@ -12,6 +12,7 @@ import torch
 
 from nlp import eval_single_task, eval_task_addition, eval_task_negation, finetune
 from talos.io import load_tensors
+from talos.merges import MERGES
 from talos.task_vector import TaskVector
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,12 +50,21 @@ def test_pipeline_end_to_end(synth, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["args"]["fisher_target"] == "log_prob" and cfg["hparams"]["accumulation"] == 2
     assert cfg["versions"]["transformers"] and "git_commit" in cfg
+    for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
+        eval_task_addition.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
+                                       "--results-json", str(results)))
+        if merge != "sum":
+            eval_task_negation.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
+                                           "--results-json", str(results)))
     res = json.loads(results.read_text())
     for mode in ("standard", "talos"):
         assert set(res["single_task"][mode]) == set(TASKS.split(","))
         assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
         assert set(res["negation"][mode]) == {"target", "control", "coef"}
     assert set(res["single_task"]["zeroshot"]) == set(TASKS.split(","))
+    assert set(res["merges"]) == set(MERGES.names())
+    assert set(res["negation_merges"]) == set(MERGES.names())  # sum: the standard negation row
+    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
     assert res["merges"]["sum"] == res["addition"]["standard"]
     assert res["task_vector_density"]["talos"]["synth_qa"] == pytest.approx(0.1, abs=0.01)
     # stages skip when their artifacts exist

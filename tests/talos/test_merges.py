@@ -296,3 +296,45 @@ def test_consensus_k_above_task_count_warns_and_is_zero() -> None:
     with pytest.warns(UserWarning, match="exceeds the number of tasks"):
         out = merge("consensus", tall_vectors(), k=4)
     assert out.nnz() == 0
+
+
+# ---------------------------------------------------------------------------------------------- negation
+def test_negation_edits_of_every_method() -> None:
+    from talos.merges import negation_edits
+
+    vectors = tall_vectors()
+    for name in MERGES.names():
+        edits = negation_edits(name, vectors)
+        assert list(edits) == list(vectors)
+        for t, v in vectors.items():
+            if name == "tall_masks":
+                want = merge("tall_masks", vectors)[t]  # the task's own edit
+            elif name == "consensus":
+                continue  # hand-computed below
+            else:
+                want = merge(name, {t: v})  # the method applied to the task's vector alone
+            assert_tv_equal(edits[t], want)
+    assert_tv_equal(negation_edits("sum", vectors)["t1"], vectors["t1"])
+    # TIES on one vector keeps its top-k entries: k = 0.4 of 5 -> the two largest |τ| of t1
+    assert_tv_equal(negation_edits("ties", vectors, k=0.4)["t1"], tv(w=T([4.0, 0.0, 0.0, -2.0, 0.0])))
+
+
+def test_negation_edits_consensus_hand_computed() -> None:
+    from talos.merges import negation_edits
+
+    # consensus k=2, lam=0.5 selects entries 1, 2, 3 (see test_consensus_hand_computed); each task keeps its own τ there
+    edits = negation_edits("consensus", tall_vectors(), k=2, lam=0.5)
+    assert_tv_equal(edits["t1"], tv(w=T([0.0, 0.0, 1.0, -2.0, 0.0])))
+    assert_tv_equal(edits["t2"], tv(w=T([0.0, 2.0, 1.0, 2.0, 0.0])))
+    assert_tv_equal(edits["t3"], tv(w=T([0.0, 2.0, 1.0, 1.0, 0.0])))
+
+
+def test_negation_edits_checks_like_merge() -> None:
+    from talos.merges import negation_edits
+
+    with pytest.raises(ValueError, match="valid choices"):
+        negation_edits("nope", tall_vectors())
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        negation_edits("consensus", tall_vectors(), p=0.5)
+    with pytest.raises(ValueError):
+        negation_edits("ties", tall_vectors(), k=2.0)

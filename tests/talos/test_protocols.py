@@ -221,3 +221,29 @@ def test_disentanglement_bad_inputs():
 
     with pytest.raises(ValueError):
         disentanglement_error(ragged, [0.5], [0.5])
+
+
+def test_task_negation_subtracts_the_merge_version_of_each_vector() -> None:
+    """With a merge, negation evaluates θ0 − α · negation_edits(...)[t]; 'accuracy' here is a readout of the edit."""
+    from talos.evaluation import task_negation
+    from talos.merges import negation_edits
+    from talos.task_vector import TaskVector
+
+    vectors = {"a": TaskVector({"w": torch.tensor([3.0, -1.0, 0.5])}),
+               "b": TaskVector({"w": torch.tensor([0.2, 2.0, -0.1])})}
+    seen: list[tuple[str, torch.Tensor | None]] = []
+
+    def evaluate(edit, task, split):
+        seen.append((task, None if edit is None else edit["w"].clone()))
+        if task == "control":
+            return 1.0  # never drops: the largest coefficient is allowed
+        return 1.0 if edit is None else 1.0 - float(edit["w"].abs().sum()) / 10
+
+    for method in ("sum", "ties"):
+        seen.clear()
+        res = task_negation(evaluate, vectors, "control", n_points=3, merge_method=method, merge_kwargs={})
+        want = negation_edits(method, vectors)
+        assert res["coef"] == {"a": 1.0, "b": 1.0}
+        edits = [(t, w) for t, w in seen if w is not None and t != "control"]
+        for t, w in edits:
+            assert torch.allclose(w.abs() / w.abs().max(), want[t]["w"].abs() / want[t]["w"].abs().max())

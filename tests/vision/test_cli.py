@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from talos.io import load_tensors
+from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
 from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
@@ -52,11 +53,20 @@ def test_pipeline_end_to_end_every_mode(data, tmp_path):
     assert not (d / "checkpoint.pt").exists()
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["args"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
+    for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
+        eval_task_addition.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
+                                       "--results-json", str(results)))
+        if merge != "sum":
+            eval_task_negation.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
+                                           "--results-json", str(results)))
     res = json.loads(results.read_text())
     for mode in modes:
         assert set(res["single_task"][mode]) == set(TASKS.split(","))
         assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
         assert set(res["negation"][mode]) == {"target", "control", "coef"}
+    assert set(res["merges"]) == set(MERGES.names())
+    assert set(res["negation_merges"]) == set(MERGES.names())  # sum: the standard negation row
+    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
     assert res["merges"]["sum"] == res["addition"]["standard"]
     assert res["task_vector_density"]["standard"]["SynthShapes"] == 1.0
     assert res["task_vector_density"]["talos"]["SynthShapes"] < 0.5

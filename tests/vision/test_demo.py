@@ -218,6 +218,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["addition"]) == {"standard", "talos"} and set(res["merges"]) == {"sum", "ties"}
+    assert set(res["negation_merges"]) == {"sum", "ties"}
     for png in ("addition_negation", "disentanglement", "accuracy_ratio", "talos_masks"):
         assert (out / f"{png}.png").stat().st_size > 10_000
     assert "Zero-shot vs fine-tuned" in (out / "results.md").read_text()

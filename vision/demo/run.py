@@ -8,7 +8,8 @@ Steps, each printed as the equivalent shell command before it runs:
 2. For every mode in ``talos.modes.run_order()`` (new modes are picked up automatically):
    ``vision/finetune.py`` once per task (calibration + fine-tuning), then ``vision/eval_single_task.py``,
    ``vision/eval_task_addition.py`` and ``vision/eval_task_negation.py``.
-3. For every merge in ``talos.merges.MERGES``: ``vision/eval_task_addition.py --finetuning-mode standard --merge M``.
+3. For every merge in ``talos.merges.MERGES``: ``vision/eval_task_addition.py --finetuning-mode standard --merge M``
+   and (but ``sum``) ``vision/eval_task_negation.py`` with the same flags.
 4. ``python -m talos.report`` (results.md) and ``python -m vision.demo.figures`` (PNGs, diagnostics.json).
 
 All of them load the committed toy CLIP (``--model talos-toy-clip --pretrained vision/demo/toy_clip.safetensors``).
@@ -90,6 +91,9 @@ def plan(out: Path, checkpoint: str, tasks: list[str], control: str, modes: list
     for mg in merges:
         steps.append(Step(f"merge {mg}", "vision/eval_task_addition.py",
                           common + ["--finetuning-mode", "standard", "--merge", mg], mode="standard"))
+        if mg != "sum":  # the sum merge is the standard row of the negation table
+            steps.append(Step(f"negation merge {mg}", "vision/eval_task_negation.py",
+                              common + ["--finetuning-mode", "standard", "--merge", mg], mode="standard"))
     steps.append(Step("report", "-m talos.report", [str(out / "results.json"), "--out", str(out / "results.md")]))
     steps.append(Step("figures", "-m vision.demo.figures",
                       common + ["--figures-dir", str(out), "--modes", ",".join(modes)]))
