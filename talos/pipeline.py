@@ -42,7 +42,7 @@ from .train import TrainConfig, train
 logger = logging.getLogger("talos")
 
 __all__ = ["PROTOCOLS", "finetune_with_mode", "ParameterEditor", "EditEvaluator", "run_protocol", "export_results",
-           "FinetuneJob", "start_finetune", "mode_context", "evaluate_from_args"]
+           "per_task_table", "FinetuneJob", "start_finetune", "mode_context", "evaluate_from_args"]
 
 PROTOCOLS = ("single_task", "addition", "negation")
 
@@ -188,6 +188,24 @@ def export_results(path: str, protocol: str, mode: str, result: Mapping[str, Any
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
 
 
+def per_task_table(protocol: str, result: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of a protocol's per-task results, for wandb tables and reports."""
+    if protocol == "single_task":
+        return (["task", "split", "zeroshot", "finetuned"],
+                [[t, split, result[split]["zeroshot"][t], result[split]["finetuned"][t]]
+                 for split in result if isinstance(result[split], dict) and "zeroshot" in result[split]
+                 for t in result[split]["zeroshot"]])
+    if protocol == "addition":
+        coef = result["coef"]
+        return (["task", "absolute", "normalized", "coef"],
+                [[t, r["absolute"], r["normalized"], coef[t] if isinstance(coef, dict) else coef]
+                 for t, r in result["per_task"].items()])
+    if protocol == "negation":
+        return (["task", "target", "control", "coef"],
+                [[t, r["target"], r["control"], result["coef"][t]] for t, r in result["per_task"].items()])
+    raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+
+
 def _single_task(ev: evaluation.Evaluate, tvs: Mapping[str, TaskVector], run: EvalRun) -> dict[str, Any]:
     """Single-task results, read from their run folder when single-task evaluation already ran."""
     if run.results.exists():
@@ -254,6 +272,7 @@ def run_protocol(
             atomic_write_json(run.results, result)
         dist.barrier()
         tracker.summary({f"{protocol}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        tracker.table(f"{protocol}/per_task", *per_task_table(protocol, result))
         tracker.finish()
     if results_json and dist.is_main():
         export_results(results_json, protocol, mode, result, merge=merge)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 class Tracker:
@@ -50,6 +50,13 @@ class Tracker:
         if self.run is not None:
             for k, v in metrics.items():
                 self.run.summary[k] = v
+
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Log a table (a ``wandb.Table``), e.g. per-task results of an evaluation protocol."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def finish(self) -> None:
         """Close the run (flushes offline files)."""

@@ -247,3 +247,16 @@ def test_task_negation_subtracts_the_merge_version_of_each_vector() -> None:
         edits = [(t, w) for t, w in seen if w is not None and t != "control"]
         for t, w in edits:
             assert torch.allclose(w.abs() / w.abs().max(), want[t]["w"].abs() / want[t]["w"].abs().max())
+
+
+def test_per_task_table_rows() -> None:
+    from talos.pipeline import per_task_table
+
+    add = {"coef": 0.3, "per_task": {"a": {"absolute": 0.5, "normalized": 0.6}}}
+    assert per_task_table("addition", add) == (["task", "absolute", "normalized", "coef"], [["a", 0.5, 0.6, 0.3]])
+    tall = {"coef": {"a": 0.2}, "per_task": {"a": {"absolute": 0.5, "normalized": 0.6}}}
+    assert per_task_table("addition", tall)[1] == [["a", 0.5, 0.6, 0.2]]
+    neg = {"coef": {"a": 0.4}, "per_task": {"a": {"target": 0.1, "control": 0.9}}}
+    assert per_task_table("negation", neg) == (["task", "target", "control", "coef"], [["a", 0.1, 0.9, 0.4]])
+    with pytest.raises(ValueError, match="valid choices"):
+        per_task_table("nope", {})

@@ -123,6 +123,14 @@ def test_wandb_offline(data, tmp_path, monkeypatch):
                          "--eval-datasets", "SynthColors", "--wandb", "--wandb-project", "talos-test"))
     d = run_dir(save, "standard", "SynthColors")
     assert list((d / "wandb").glob("offline-run-*"))
+    eval_single_task.main(common(data, save, "--finetuning-mode", "standard", "--eval-datasets", "SynthColors",
+                                 "--wandb", "--wandb-project", "talos-test"))
+    (ev,) = list((save / "vision" / "talos-tiny-vit" / "eval" / "single_task").iterdir())
+    (offline,) = list((ev / "wandb").glob("offline-run-*"))
+    (table,) = list(offline.rglob("per_task*.table.json"))  # the per-task results table
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == ["task", "split", "zeroshot", "finetuned"]
+    assert sorted(row[:2] for row in logged["data"]) == [["SynthColors", "test"], ["SynthColors", "val"]]
 
 
 @pytest.mark.parametrize("bad, message", [
