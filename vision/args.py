@@ -62,6 +62,9 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
     cli.add_task_flags(g, tasks=TASKS, control=CONTROL)
     g.add_argument("--data-location", default=os.path.expanduser("~/data"), help="root of the dataset folders")
     g.add_argument("--num-workers", type=int, default=4 if os.cpu_count() and os.cpu_count() > 4 else 0)
+    g.add_argument("--eval-cache-mb", type=int, default=2048,
+                   help="evaluation splits that fit in this much memory (per process, float32 images) are "
+                        "decoded once per script instead of once per coefficient; 0 disables")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=128, help="global batch of one optimizer step")
     g.add_argument("--num-grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
@@ -87,6 +90,8 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
         raise ValueError("--batch-size must be a positive multiple of --num-grad-accumulation")
     if args.warmup_length < 0:
         raise ValueError("--warmup-length must be >= 0")
+    if args.eval_cache_mb < 0:
+        raise ValueError("--eval-cache-mb must be >= 0")
     if need_train_dataset and args.grad_checkpointing and mode.eval_linearized and mode.source_mode is None:
         raise ValueError(f"--grad-checkpointing cannot train {mode.name} (torch.func.jvp does not support "
                          "activation checkpointing); drop the flag for this mode")

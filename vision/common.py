@@ -39,6 +39,8 @@ class VisionSetup:
         )
         self._clip = clip
         self._heads: dict[str, Tensor] = {}
+        self._eval_cache: dict[tuple[str, str], torch.utils.data.TensorDataset] = {}
+        self._eval_cache_bytes = 0
         if getattr(args, "grad_checkpointing", False):  # non-reentrant: Fisher scores keep their fast path
             clip.visual.set_grad_checkpointing(True)
         self.classifier = ImageClassifier(clip.visual, torch.zeros(1, 1)).to(self.device)
@@ -74,9 +76,35 @@ class VisionSetup:
             return get_dataset(base_name(task) + "Val", "test", tf, self.args.data_location)
         return get_dataset(base_name(task), split, tf, self.args.data_location)
 
+    def eval_data(self, task: str, split: str) -> torch.utils.data.Dataset:
+        """``split`` of ``task`` with the evaluation preprocessing, held in memory as one tensor when it fits in
+        what is left of ``--eval-cache-mb``: the protocols read each split once per coefficient, and decoding
+        and resizing the images again each time costs as much as the forward pass of a small model."""
+        key = (base_name(task), split)
+        if key in self._eval_cache:
+            return self._eval_cache[key]
+        ds = self.dataset(task, split)
+        room = getattr(self.args, "eval_cache_mb", 0) * 2**20 - self._eval_cache_bytes
+        if len(ds) == 0 or room <= 0:
+            return ds
+        x0 = ds[0][0]
+        need = len(ds) * x0.numel() * x0.element_size()
+        if need > room:
+            return ds
+        xs, ys = [], []
+        for x, y in self.loader(ds, self.args.eval_batch_size):
+            xs.append(x)
+            ys.append(torch.as_tensor(y))
+        cached = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+        self._eval_cache[key] = cached
+        self._eval_cache_bytes += need
+        return cached
+
     def loader(self, dataset, batch_size: int, shuffle: bool = False) -> torch.utils.data.DataLoader:
+        base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+        in_memory = isinstance(base, torch.utils.data.TensorDataset)  # workers would only copy the tensors
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                           num_workers=self.args.num_workers,
+                                           num_workers=0 if in_memory else self.args.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
     def trainable_state(self) -> dict[str, Tensor]:
@@ -106,7 +134,7 @@ class Evaluator(EditEvaluator):
     @torch.no_grad()
     def _accuracy(self, model: torch.nn.Module, task: str, split: str) -> float:
         self.setup.use_task(task)  # the head is a buffer of the classifier: the linearized wrapper sees it too
-        ds = self.setup.dataset(task, split)
+        ds = self.setup.eval_data(task, split)
         if dist.is_distributed():
             ds = torch.utils.data.Subset(ds, list(range(dist.rank(), len(ds), dist.world_size())))
         correct = total = 0

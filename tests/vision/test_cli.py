@@ -162,6 +162,29 @@ def test_missing_task_vector_names_the_command(data, tmp_path):
         eval_task_addition.main(common(data, tmp_path, "--finetuning-mode", "talos"))
 
 
+def test_eval_cache_gives_the_same_accuracy_and_decodes_once(data, tmp_path, monkeypatch):
+    from vision.args import parse_args
+    from vision.common import Evaluator, VisionSetup
+
+    accs, builds = {}, {}
+    for mb in (0, 64, 1):  # off, on, too small for the split (falls back to reading the images)
+        torch.manual_seed(0)
+        setup = VisionSetup(parse_args(common(data, tmp_path, "--eval-cache-mb", str(mb))))
+        calls = []
+        real = setup.dataset
+        monkeypatch.setattr(setup, "dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+        if mb == 1:
+            setup._eval_cache_bytes = 2**20 - 1000  # 1000 bytes left: no split fits
+        ev = Evaluator(setup)
+        edit = TaskVector({n: torch.full_like(p, 1e-3) for n, p in setup.classifier.named_parameters()
+                           if n in setup.eligible[:2]})
+        accs[mb] = [ev(e, t, s) for e in (None, edit, edit * 2) for t in ("SynthShapes", "SynthColors")
+                    for s in ("val", "test")]
+        builds[mb] = len(calls)
+    assert accs[0] == accs[64] == accs[1]
+    assert builds[64] == 4 and builds[0] == builds[1] == 12  # 3 edits x 4 splits (zero-shot: memoised)
+
+
 def test_zeroshot_head_shape_and_norm():
     from vision.models import ImageClassifier, load_clip, zeroshot_head
 

@@ -221,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--merges", default=None, help="comma-separated merges (default: all registered)")
     p.add_argument("--tasks", default=",".join(TARGET_TASKS))
     p.add_argument("--checkpoint", default=os.path.relpath(CHECKPOINT, REPO))
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest for this tiny model, and robust on a shared CPU)")
+    p.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))),
+                   help="torch CPU threads (default: 2 where 2 cores are available; a fine-tune step is 1.75x "
+                        "faster with 2 than with 1 on a 2-core Xeon, and the tiny model gains little beyond)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a demo setting (fast loops: --set epochs=1 --set n_eval_points=5); "
                         f"keys: {', '.join(SETTINGS)}")
