@@ -105,3 +105,27 @@ def test_run_paths_hash_hparams_and_name_the_producing_script(tmp_path):
                                                                "addition")
     assert e1.hash != e2.hash  # ... and the folders of the evaluations that read it
     assert runs.evaluation(std, "addition", {"merge": "ties"}).hash != e1.hash
+
+
+def test_run_commands_calls_each_scripts_main_in_order(tmp_path, monkeypatch, capsys):
+    from talos import run_commands
+
+    pkg = tmp_path / "fakedomain"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "script.py").write_text("CALLS = []\ndef main(argv):\n    CALLS.append(list(argv))\n"
+                                   "    if '--fail' in argv:\n        raise RuntimeError('failed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cmds = tmp_path / "commands.txt"
+    cmds.write_text("fakedomain/script.py --a 'x y'\n\nfakedomain/script.py --b\n")
+    run_commands.main([str(cmds)])
+    import fakedomain.script as mod
+
+    assert mod.CALLS == [["--a", "x y"], ["--b"]]
+    assert "+ python fakedomain/script.py --a 'x y'" in capsys.readouterr().out
+    cmds.write_text("fakedomain/script.py --fail\nfakedomain/script.py --never\n")
+    with pytest.raises(RuntimeError):
+        run_commands.main([str(cmds)])
+    assert mod.CALLS[-1] == ["--fail"]
+    with pytest.raises(ValueError, match="expected"):
+        run_commands.run_line("-m something")
