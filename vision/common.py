@@ -10,9 +10,9 @@ from torch import Tensor
 
 from talos import distributed as dist
 from talos.io import load_tensors, save_tensors
-from talos.pipeline import EditEvaluator
 from talos.cli import RunPaths
 from talos.paths import head_path
+from talos.pipeline import EditEvaluator
 
 from .args import finetune_hparams
 from .datasets import DATASETS, base_name, get_dataset
