@@ -14,6 +14,7 @@ import os
 from typing import Any, Sequence
 
 from talos import cli
+from talos.analysis.drift import add_drift_flags
 
 #: The seven tasks of the paper (T5 setting of TIES-Merging) and the negation control.
 TASKS = ["qasc", "wiki_qa", "quartz", "paws", "story_cloze", "winogrande", "wsc"]
@@ -63,6 +64,7 @@ def build_parser(description: str = "TaLoS NLP (T5 / causal LM) task arithmetic"
     cli.add_step_flags(g)
     cli.add_evaluation_flags(p, eval_batch_size=32, merge_defaults=MERGE_DEFAULTS)
     cli.add_run_flags(p, wandb_project="talos-nlp")
+    add_drift_flags(p.add_argument_group("figures (fine-tuning)"))
     return p
 
 

@@ -17,7 +17,10 @@ from typing import Sequence
 if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (nlp/datasets.py would shadow HF `datasets`)
 
+import torch
+
 from talos import distributed as dist
+from talos.analysis.drift import GradientDrift
 from talos.pipeline import finetune_with_mode, mode_context, start_finetune
 from talos.train import TrainConfig
 
@@ -26,6 +29,20 @@ from nlp.common import RUNS, NLPSetup, data_kwargs
 from nlp.datasets import check_tasks
 from nlp.models import lora_targets
 from nlp.scoring import answer_loss, choice_log_likelihoods
+
+
+def gradient_drift(args, setup: NLPSetup, task: str) -> GradientDrift | None:
+    """Fig. 7's recorder (``--gradient-drift-every``): the correct answer's log-likelihood on the first
+    ``--gradient-drift-examples`` validation examples; None when off."""
+    if not args.gradient_drift_every:
+        return None
+    batch = setup.collate(setup.examples(task, "val")[:args.gradient_drift_examples])
+
+    def probe(model):
+        scores = choice_log_likelihoods(model, batch)  # [B, C]
+        return scores[torch.arange(len(scores)), batch["labels"].to(scores.device)]
+
+    return GradientDrift(probe, args.gradient_drift_every)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -51,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       num_workers=args.num_workers)
     metrics = finetune_with_mode(run=job.run, mode=job.mode, ctx=ctx, train_set=setup.examples(task, "train"),
                                  loss_fn=answer_loss, cfg=cfg, device=setup.device, collate_fn=setup.train_collate,
-                                 tracker=job.tracker, progress=not args.no_progress, stop_after=args.stop_after)
+                                 tracker=job.tracker, progress=not args.no_progress, stop_after=args.stop_after,
+                                 gradient_drift=gradient_drift(args, setup, task))
     job.tracker.finish()
     return metrics
 

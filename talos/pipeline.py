@@ -63,12 +63,14 @@ def finetune_with_mode(
     tracker: Tracker | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    gradient_drift: Any | None = None,
 ) -> dict[str, Any]:
     """Masks -> mode.prepare -> train (resuming from ``run.checkpoint``) -> artifacts; returns the metrics.
 
     ``ctx.model`` must hold θ0 in ``ctx.eligible`` + ``ctx.dense`` when called. Returns the training summary
     with ``interrupted=True`` (and writes no artifact but the checkpoint) when ``stop_after`` stops it early.
     Under ``torchrun`` every rank trains (DDP) and computes the same masks; only rank 0 writes files.
+    ``gradient_drift`` (a :class:`talos.analysis.GradientDrift`) records Fig. 7's drift into the run folder.
     """
     tracker = tracker or Tracker(False)
     masks = None
@@ -86,9 +88,11 @@ def finetune_with_mode(
     theta0 = {n: named[n].detach().cpu().clone() for n in list(ctx.eligible) + list(ctx.dense)}
     state = mode.prepare(ctx, masks)
     try:
+        on_step = gradient_drift.start(state.model, state.named_params, state.masks) if gradient_drift else None
         summary = train(state.model, train_set, loss_fn, state.named_params, state.masks, cfg, dense=state.dense,
                         device=device, checkpoint_path=run.checkpoint, collate_fn=collate_fn,
-                        on_log=lambda s, m: tracker.log(m, step=s), progress=progress, stop_after=stop_after)
+                        on_log=lambda s, m: tracker.log(m, step=s), progress=progress, stop_after=stop_after,
+                        on_step=on_step)
         if summary.get("interrupted"):
             return summary
         tv = state.task_vector()
@@ -101,6 +105,10 @@ def finetune_with_mode(
     if dist.is_main():  # only rank 0 writes artifacts
         save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
         tv.save(run.task_vector)
+        if gradient_drift is not None:
+            from .analysis.drift import drift_path
+
+            atomic_write_json(drift_path(run.dir), gradient_drift.result())
         atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
         run.checkpoint.unlink(missing_ok=True)
         tracker.summary(metrics)

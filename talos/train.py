@@ -219,11 +219,13 @@ def train(
     on_log: Callable[[int, Mapping[str, float]], None] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``named_params`` of ``model`` on ``dataset``; resume from ``checkpoint_path`` if it exists.
 
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. ``stop_after`` ends the run after that
     many optimizer steps (used by tests to simulate an interruption; the checkpoint is written first).
+    ``on_step(step)`` is called after every optimizer step (e.g. :class:`talos.analysis.GradientDrift`).
     Returns a summary dict (steps, last loss, seconds).
 
     Under ``torchrun`` the model is wrapped in DistributedDataParallel: each optimizer step's global batch
@@ -339,6 +341,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             step += 1
             last_loss = loss_sum
+            if on_step is not None:
+                on_step(step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.4f}")

@@ -13,6 +13,7 @@ import os
 from typing import Any, Sequence
 
 from talos import cli
+from talos.analysis.drift import add_drift_flags
 
 #: Fine-tuning epochs per dataset (task_vectors / paper setting).
 EPOCHS = {
@@ -75,6 +76,7 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
     cli.add_step_flags(g)
     cli.add_evaluation_flags(p, eval_batch_size=256, merge_defaults=MERGE_DEFAULTS)
     cli.add_run_flags(p, wandb_project="talos-vision")
+    add_drift_flags(p.add_argument_group("figures (fine-tuning)"))
     return p
 
 

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python vision/<script>.py`: import from the re
 import torch
 
 from talos import distributed as dist
+from talos.analysis.drift import GradientDrift
 from talos.pipeline import finetune_with_mode, mode_context, start_finetune
 from talos.train import TrainConfig
 
@@ -26,6 +27,18 @@ from vision.args import parse_args
 from vision.common import RUNS, VisionSetup, logits_forward
 from vision.datasets import check_datasets
 from vision.models import lora_targets
+
+
+def gradient_drift(args, setup: VisionSetup, task: str) -> GradientDrift | None:
+    """Fig. 7's recorder (``--gradient-drift-every``): the true class's logit on a seeded random subset of
+    ``--gradient-drift-examples`` <Task>Val images (evaluation preprocessing); None when off."""
+    if not args.gradient_drift_every:
+        return None
+    ds = setup.dataset(task, "val")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.gradient_drift_examples]
+    xs, ys = zip(*(ds[i] for i in order.tolist()))
+    x, y = torch.stack(xs).to(setup.device), torch.tensor(ys, device=setup.device)
+    return GradientDrift(lambda m: m(x)[torch.arange(len(y), device=setup.device), y], args.gradient_drift_every)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -61,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics = finetune_with_mode(run=job.run, mode=job.mode, ctx=ctx,
                                  train_set=setup.dataset(task, "train", train_transform=True), loss_fn=loss_fn,
                                  cfg=cfg, device=setup.device, tracker=job.tracker, progress=not args.no_progress,
-                                 stop_after=args.stop_after)
+                                 stop_after=args.stop_after, gradient_drift=gradient_drift(args, setup, task))
     job.tracker.finish()
     return metrics
 
