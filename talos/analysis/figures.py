@@ -130,13 +130,23 @@ class FigureContext:
         margs = self.mode_args(self.source(mode))
         return all(self.domain.runs.finetune(margs, t).task_vector.exists() for t in tasks)
 
+    def require_task_vectors(self, mode: str, tasks: Sequence[str]) -> None:
+        """Raise (naming the fine-tuning command) when one of ``mode``'s task vectors is missing."""
+        margs = self.mode_args(self.source(mode))
+        for t in tasks:
+            if not self.domain.runs.finetune(margs, t).task_vector.exists():
+                self.domain.runs.task_vectors(self.mode_args(mode), [t])  # raises with the command
+
     def task_vectors(self, mode: str, tasks: Sequence[str]) -> dict:
         """``mode``'s task vectors (a missing one raises, naming the fine-tuning command)."""
         return self.domain.runs.task_vectors(self.mode_args(mode), tasks)
 
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
+            from ..runinfo import seed_everything
+
             self.domain.check_data(self.args, self.tasks)
+            seed_everything(self.args.seed)  # as the protocols: a random-init θ0 (--pretrained none) is the same
             self._loaded = self.domain.load(self.args)
         return self._loaded
 
@@ -193,6 +203,8 @@ def _register(spec: FigureSpec) -> FigureSpec:
 
 def _tv_plan(ctx: FigureContext, tasks: Sequence[str]) -> dict[str, Any]:
     modes, skipped = ctx.available_modes(_all_modes(), lambda m: ctx.has_task_vectors(m, tasks))
+    for m in modes:
+        ctx.require_task_vectors(m, tasks)
     return {"modes": modes, "skipped_modes": skipped, "runs": {m: ctx.run_hashes(m, tasks) for m in modes},
             **_data_settings(ctx)}
 
