@@ -25,7 +25,7 @@ def runs(tmp_path_factory):
     """standard + talos runs of two tasks (gradient drift recorded), talos single-task and addition results."""
     root = tmp_path_factory.mktemp("vision_analyze")
     data, save = root / "data", root / "runs"
-    make_synthetic_datasets(data, n_train=100, n_test=30)
+    make_synthetic_datasets(data, n_train=60, n_test=20)
     for mode in ("standard", "talos"):
         for task in TASKS:
             finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task,
@@ -72,7 +72,7 @@ def test_masks_drift_and_sparsity_ablation(runs, capsys):
     assert m["density"]["SynthShapes"] == pytest.approx(0.1, abs=1e-3)
     d = figure(runs, "gradient_drift")
     assert set(d["curves"]) == {"standard", "talos"}
-    assert d["curves"]["talos"]["SynthShapes"]["steps"] == [0, 2, 4, 6]  # 90 images / 16 = 6 steps
+    assert d["curves"]["talos"]["SynthShapes"]["steps"] == [0, 2, 4]  # 54 images / 16 = 4 steps, every 2
     a = figure(runs, "sparsity_ablation", "--sparsities", "0.9")
     single, addition = runs[2]["test"]["finetuned"], runs[3]
     assert a["rows"]["talos"]["0.9"] == pytest.approx({"single_task": sum(single.values()) / 2,
