@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from .runinfo import run_metadata, seed_everything
 from .task_vector import TaskVector
 from .tracking import Tracker
 from .train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from .analysis.drift import GradientDrift
 
 logger = logging.getLogger("talos")
 
@@ -63,7 +66,7 @@ def finetune_with_mode(
     tracker: Tracker | None = None,
     progress: bool = True,
     stop_after: int | None = None,
-    gradient_drift: Any | None = None,
+    gradient_drift: GradientDrift | None = None,
 ) -> dict[str, Any]:
     """Masks -> mode.prepare -> train (resuming from ``run.checkpoint``) -> artifacts; returns the metrics.
 
