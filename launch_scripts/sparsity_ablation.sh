@@ -12,7 +12,7 @@ DOMAIN=${1:?usage: sparsity_ablation.sh DOMAIN MODEL [SAVE]}
 MODEL=${2:?usage: sparsity_ablation.sh DOMAIN MODEL [SAVE]}
 SAVE=${3:-runs}
 PY=${PYTHON:-python}
-TASKS=${TASKS:-$("$PY" -c "import sys; sys.path.insert(0, '.'); from $DOMAIN.args import TASKS; print(','.join(TASKS))")}
+TASKS=${TASKS:-$("$PY" -c "import sys; sys.path[0] = '.'; from $DOMAIN.args import TASKS; print(','.join(TASKS))")}
 SPARSITIES=${SPARSITIES:-0.75 0.85 0.9 0.95 0.99}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 COMMON=(--model "$MODEL" --save "$SAVE" --eval-datasets "$TASKS" --finetuning-mode talos ${EXTRA[@]+"${EXTRA[@]}"})

@@ -87,7 +87,7 @@ def test_unknown_figure_and_missing_runs_fail_clearly(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         analyze.main(["fig9", *common(data, tmp_path)])
     assert e.value.code == 2 and "unknown figure 'fig9'; valid choices: accuracy_ratio" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="vision/finetune.py --train-dataset SynthShapes --finetuning-mode talos"):
+    with pytest.raises(FileNotFoundError, match="vision/finetune.py --train-dataset SynthShapes --finetuning-mode"):
         analyze.main(["accuracy_ratio", *common(data, tmp_path, "--modes", "talos")])
     with pytest.raises(FileNotFoundError, match="no runs of any of the modes"):
         analyze.main(["disentanglement", *common(data, tmp_path)])
