@@ -201,7 +201,7 @@ def plot_masks(stats: Mapping[str, Any], sparsity: float, path: Path | str) -> N
 def plot_linearized(per_mode: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path | str) -> None:
     """Fig. 6: fine-tuned (x) vs post-hoc-linearized (y) accuracy, one point per task, one colour per mode."""
     fig, ax = pyplot().subplots(figsize=(5.2, 5))
-    lo = 1.0
+    lo = 100.0
     for m, r in per_mode.items():
         tasks = list(r["finetuned"])
         xs, ys = [100 * r["finetuned"][t] for t in tasks], [100 * r["linearized"][t] for t in tasks]

@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if t in full and abs(full[t] - zs[t]) > 0.1:
                 logger.warning("zero-shot accuracy of %s on the figure subset (%.3f) is far from the full test "
                                "split (%.3f)", t, zs[t], full[t])
-        lin = _figure("linearized", ctx)
+        own = [m for m in modes if ctx.source(m) == m]  # posthoc's points would be standard's
+        lin = _figure("linearized", _context(args, own, args.ratio_examples, pair))
         sens = _figure("sensitivity_transfer", ctx)
         xi = _figure("disentanglement", _context(args, modes, args.xi_examples, pair))
         stats = {m: task_vector_stats(ctx.task_vectors(m, tasks)) for m in modes}
