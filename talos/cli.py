@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "csv_list", "add_method_flags", "add_task_flags", "add_step_flags", "add_evaluation_flags", "add_run_flags",
-    "validate_common", "resolve_device", "method_hparams", "parse_validated", "RunPaths",
+    "validate_common", "resolve_device", "describe_device", "nvidia_gpu_present", "method_hparams", "parse_validated", "RunPaths",
 ]
 
 
@@ -139,14 +139,54 @@ def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
     return mode
 
 
-def resolve_device(args: argparse.Namespace) -> None:
-    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere)."""
-    if args.device is None:
-        import torch
+def nvidia_gpu_present() -> bool:
+    """True when the machine shows an NVIDIA GPU to the OS (driver device nodes), whether or not torch's CUDA
+    loads: a run there that finds no CUDA is broken, not a CPU machine."""
+    import glob
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere).
+
+    Never falls back silently: ``--device cuda`` without a working CUDA is an error, and so is the default on
+    a machine that has an NVIDIA GPU whose CUDA fails to load (pass ``--device cpu`` to mean the CPU).
+    """
+    import torch
+
+    if args.device is None:
+        if torch.cuda.is_available():
+            args.device = "cuda"
+        elif nvidia_gpu_present():
+            raise ValueError("this machine has an NVIDIA GPU but torch cannot use CUDA (torch "
+                             f"{torch.__version__}, built for CUDA {torch.version.cuda}); fix the CUDA install, or "
+                             "pass --device cpu to run on the CPU on purpose")
+        else:
+            args.device = "cpu"
+    dev = str(args.device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {dev} but CUDA is not available to torch {torch.__version__} (built for "
+                             f"CUDA {torch.version.cuda}); pass --device cpu to run on the CPU")
+        idx = torch.device(dev).index
+        if idx is not None and idx >= torch.cuda.device_count():
+            raise ValueError(f"--device {dev} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps but MPS is not available")
+    elif dev != "cpu" and not dev.startswith(("cuda", "mps")):
+        raise ValueError(f"unknown --device {dev!r}; use cpu, cuda, cuda:N or mps")
     if args.precision is None:
-        args.precision = "bf16" if str(args.device).startswith("cuda") else "fp32"
+        args.precision = "bf16" if dev.startswith("cuda") else "fp32"
+
+
+def describe_device(args: argparse.Namespace) -> str:
+    """One line naming the device (with the GPU's name) and the precision, printed first by every script."""
+    import torch
+
+    dev = str(args.device)
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else dev
+    return f"device: {dev} ({name}), precision: {args.precision}"
 
 
 def method_hparams(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,10 +211,12 @@ def parse_validated(parser: argparse.ArgumentParser, validate: Callable[..., arg
     """Parse, then ``validate(args, **kwargs)``; argparse-style exit (code 2) with the message on a bad value."""
     args = parser.parse_args(argv)
     try:
-        return validate(args, **kwargs)
+        args = validate(args, **kwargs)
     except ValueError as e:
         parser.error(str(e))
         raise  # unreachable
+    print(describe_device(args), flush=True)
+    return args
 
 
 class RunPaths:

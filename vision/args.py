@@ -39,6 +39,11 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
                         "config talos-tiny-vit)")
     g.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag, a local checkpoint path, or 'none' for random init")
+    g.add_argument("--activation", default="auto", choices=["auto", "quick_gelu", "gelu"],
+                   help="MLP activation; auto = the pretrained tag's (QuickGELU for every openai tag, as the "
+                        "weights were trained; open_clip >= 2.24 no longer forces it), else the architecture's")
+    g.add_argument("--allow-activation-mismatch", action="store_true",
+                   help="allow an explicit --activation that differs from the pretrained tag's")
     g.add_argument("--openclip-cachedir", default=os.environ.get("OPENCLIP_CACHEDIR"),
                    help="where open_clip caches downloaded weights")
     g = cli.add_method_flags(
@@ -81,11 +86,13 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
 def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> argparse.Namespace:
     """Check every value and fill presets. Raises ValueError before any model or data is touched."""
     from .datasets import DATASETS, base_name
-    from .models import check_model_name
+    from .models import check_model_name, resolve_activation
 
     mode = cli.validate_common(args, need_train_dataset=need_train_dataset,
                                check_task=lambda name: DATASETS.get(base_name(name)))
     check_model_name(args.model)
+    args.activation = resolve_activation(args.model, args.pretrained, args.activation,
+                                         args.allow_activation_mismatch)
     if args.batch_size < 1 or args.num_grad_accumulation < 1 or args.batch_size % args.num_grad_accumulation:
         raise ValueError("--batch-size must be a positive multiple of --num-grad-accumulation")
     if args.warmup_length < 0:
@@ -120,7 +127,8 @@ def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
 
     epochs = args.epochs if args.epochs is not None else EPOCHS.get(base_name(task))
     return {
-        "model": args.model, "pretrained": args.pretrained, "mode": args.finetuning_mode, "task": task,
+        "model": args.model, "pretrained": args.pretrained, "activation": args.activation,
+        "precision": args.precision, "mode": args.finetuning_mode, "task": task,
         "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd, "warmup": args.warmup_length,
         "epochs": epochs, "seed": args.seed, "grad_clip": args.grad_clip,
         "freeze_embeddings": bool(args.freeze_embeddings), **cli.method_hparams(args),

@@ -35,8 +35,8 @@ class VisionSetup:
         self.args = args
         self.device = torch.device(args.device)
         clip, self.train_preprocess, self.val_preprocess, self.tokenizer = load_clip(
-            args.model, args.pretrained, args.openclip_cachedir, device="cpu"
-        )
+            args.model, args.pretrained, args.openclip_cachedir, device="cpu",
+            activation=args.activation)
         self._clip = clip
         self._heads: dict[str, Tensor] = {}
         self._eval_cache: dict[tuple[str, str], torch.utils.data.TensorDataset] = {}
@@ -53,7 +53,8 @@ class VisionSetup:
             spec = DATASETS.get(name)
             classnames, templates = spec.classnames(self.args.data_location), spec.templates
             path = head_path(self.args.save, DOMAIN, self.args.model, name,
-                             {"pretrained": self.args.pretrained, "classes": head_key(classnames, templates)})
+                             {"pretrained": self.args.pretrained, "activation": self.args.activation,
+                              "classes": head_key(classnames, templates)})
             if path.exists():
                 w = load_tensors(path)["head"]
             else:

@@ -253,3 +253,22 @@ def test_grad_checkpointing_flag():
     assert parse_args(base + ["--finetuning-mode", "talos"], need_train_dataset=True).grad_checkpointing
     with pytest.raises(SystemExit):  # torch.func.jvp cannot run through checkpointed blocks
         parse_args(base + ["--finetuning-mode", "linear"], need_train_dataset=True)
+
+
+def test_hash_of_the_real_default_configuration_is_pinned():
+    """The paper's default runs (ViT-B-32, openai, Cars) keep their folders: a change here orphans real runs.
+
+    Reads open_clip's configs only (no download). Precision and activation are part of the hash."""
+    from vision import args as vargs
+    from vision.common import RUNS
+
+    def run(*extra):
+        a = vargs.parse_args(["--train-dataset", "Cars", "--device", "cpu", *extra], need_train_dataset=True)
+        return RUNS.finetune(a, "Cars")
+
+    talos_run, std_run = run(), run("--finetuning-mode", "standard")
+    assert talos_run.hparams["activation"] == "quick_gelu" and talos_run.hparams["precision"] == "fp32"
+    assert talos_run.hparams["fisher_target"] == "logit"
+    assert (talos_run.hash, std_run.hash) == ("2cf5ead4a8", "f7e53250c9")
+    assert run("--precision", "bf16").hash != talos_run.hash
+    assert run("--activation", "gelu", "--allow-activation-mismatch").hash != talos_run.hash
