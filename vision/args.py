@@ -23,8 +23,14 @@ EPOCHS = {
 #: Calibration batch size per model (official code); other models default to 16.
 CALIBRATION_BATCH_SIZE = {"ViT-B-32": 64, "ViT-B-16": 16, "ViT-L-14": 2}
 DEFAULT_CALIBRATION_BATCH_SIZE = 16
-#: Vision defaults of merge hyperparameters that differ by domain (TALL-masks / Consensus λ = 0.2).
-MERGE_DEFAULTS = {"tall_masks": {"lam": 0.2}, "consensus": {"lam": 0.2}}
+#: Vision defaults of merge hyperparameters that differ by domain: TALL-masks / Consensus λ = 0.2, and the key
+#: filters of the official vision scripts (talos/official_merges.py); TIES's extra_zeros -1 = the text tower's
+#: leftover entries of the official encoder state dict (resolved from the model config).
+MERGE_DEFAULTS = {"tall_masks": {"lam": 0.2}, "consensus": {"lam": 0.2},
+                  "ties": {"extra_zeros": -1, "negation_keys": "attn,mlp,conv"},
+                  "dare": {"skip_keys": "positional_embedding,text_projection,logit_scale",
+                           "negation_keys": "attn,mlp,conv"},
+                  "breadcrumbs": {"trim_keys": "attn,mlp,conv"}}
 #: The eight tasks of the paper and the negation control.
 TASKS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
 CONTROL = "ImageNet"
@@ -86,13 +92,15 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
 def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> argparse.Namespace:
     """Check every value and fill presets. Raises ValueError before any model or data is touched."""
     from .datasets import DATASETS, base_name
-    from .models import check_model_name, resolve_activation
+    from .models import check_model_name, official_leftover_entries, resolve_activation
 
     mode = cli.validate_common(args, need_train_dataset=need_train_dataset,
                                check_task=lambda name: DATASETS.get(base_name(name)))
     check_model_name(args.model)
     args.activation = resolve_activation(args.model, args.pretrained, args.activation,
                                          args.allow_activation_mismatch)
+    if args.merge_ties_extra_zeros == -1:
+        args.merge_ties_extra_zeros = official_leftover_entries(args.model)
     if args.batch_size < 1 or args.num_grad_accumulation < 1 or args.batch_size % args.num_grad_accumulation:
         raise ValueError("--batch-size must be a positive multiple of --num-grad-accumulation")
     if args.warmup_length < 0:

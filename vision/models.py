@@ -102,6 +102,26 @@ def load_clip(name: str, pretrained: str | None, cache_dir: str | None = None, d
     return model, train_pre, val_pre, tokenizer
 
 
+def official_leftover_entries(name: str) -> int:
+    """Entries of the text tower's leftovers in the official code's image-encoder state dict.
+
+    The official ``ImageEncoder`` deletes only CLIP's text ``transformer``, so its task vectors also hold
+    ``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection`` and ``logit_scale`` (all
+    zero, never trained); the official TIES counts them in its global top-k. 0 for models whose text tower is
+    not open_clip's own (the official code does not support them). Reads the config only.
+    """
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(name) or {}
+    t = cfg.get("text_cfg", {})
+    if not cfg or "hf_model_name" in t or cfg.get("custom_text"):
+        return 0
+    width, embed = int(t.get("width", 512)), int(cfg["embed_dim"])
+    return int(t.get("vocab_size", 49408)) * width + int(t.get("context_length", 77)) * width + 2 * width \
+        + width * embed + 1
+
+
 def model_activation(model: nn.Module) -> str:
     """``"quick_gelu"`` or ``"gelu"``: the activation the built open_clip model actually uses."""
     from open_clip.transformer import QuickGELU

@@ -202,10 +202,19 @@ def test_merge_flags_reach_the_merge(data, tmp_path):
     from talos.merges import MERGE_HPARAMS, merge_kwargs_from_args
     from vision.args import parse_args
 
+    from vision.models import official_leftover_entries
+
     args = parse_args(common(data, tmp_path, "--merge", "ties", "--ties-k", "0.2", "--tall-masks-lam", "0.6"))
-    assert merge_kwargs_from_args(args, "ties") == {"k": 0.2}
-    assert merge_kwargs_from_args(args, "tall_masks") == {"lam": 0.6}
-    assert merge_kwargs_from_args(args, "dare") == MERGE_HPARAMS["dare"]
+    # the default variant is the official scripts', with the vision scripts' key filters and leftover count
+    assert merge_kwargs_from_args(args, "ties") == {
+        "variant": "official", "k": 0.2, "extra_zeros": official_leftover_entries("talos-tiny-vit"),
+        "negation_keys": "attn,mlp,conv"}
+    assert merge_kwargs_from_args(args, "tall_masks") == {"variant": "official", "lam": 0.6}
+    assert merge_kwargs_from_args(args, "dare") == {
+        "variant": "official", "p": 0.9, "seed": 0, "skip_keys": "positional_embedding,text_projection,logit_scale",
+        "negation_keys": "attn,mlp,conv"}
+    paper = parse_args(common(data, tmp_path, "--merge-variant", "paper"))
+    assert merge_kwargs_from_args(paper, "dare") == {"variant": "paper", **MERGE_HPARAMS["dare"]}
 
 
 def _vision_worker(rank, world, port, data, save, results):
@@ -272,3 +281,16 @@ def test_hash_of_the_real_default_configuration_is_pinned():
     assert (talos_run.hash, std_run.hash) == ("2cf5ead4a8", "f7e53250c9")
     assert run("--precision", "bf16").hash != talos_run.hash
     assert run("--activation", "gelu", "--allow-activation-mismatch").hash != talos_run.hash
+
+
+def test_merge_variant_is_part_of_the_evaluation_hash():
+    from talos.merges import merge_kwargs_from_args
+    from vision import args as vargs
+    from vision.common import RUNS
+
+    def ev(*extra):
+        a = vargs.parse_args(["--device", "cpu", "--merge", "ties", *extra])
+        return RUNS.evaluation(a, "addition", {"merge": "ties", "merge_kwargs": merge_kwargs_from_args(a, "ties")})
+
+    official, paper = ev(), ev("--merge-variant", "paper")
+    assert official.hparams["merge_kwargs"]["variant"] == "official" and official.hash != paper.hash
