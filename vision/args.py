@@ -65,6 +65,9 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze class/positional embeddings and the output projection (exactly sparse task "
                         "vectors); off reproduces the official code, which trains them densely")
+    g.add_argument("--count-text-ln-final", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the text tower's leftover ln_final (score 0, always kept) in the global kept count, "
+                        "as the official code's eligible set does (1,024 entries for ViT-B/32)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="activation checkpointing of the image encoder's blocks (non-reentrant) in calibration "
                         "and fine-tuning: less activation memory for more time (benchmarks/efficiency.py measures "
@@ -92,13 +95,14 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
 def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> argparse.Namespace:
     """Check every value and fill presets. Raises ValueError before any model or data is touched."""
     from .datasets import DATASETS, base_name
-    from .models import check_model_name, official_leftover_entries, resolve_activation
+    from .models import check_model_name, official_leftover_entries, resolve_activation, text_ln_final_entries
 
     mode = cli.validate_common(args, need_train_dataset=need_train_dataset,
                                check_task=lambda name: DATASETS.get(base_name(name)))
     check_model_name(args.model)
     args.activation = resolve_activation(args.model, args.pretrained, args.activation,
                                          args.allow_activation_mismatch)
+    args.zero_score_entries = text_ln_final_entries(args.model) if args.count_text_ln_final else 0
     if args.merge_ties_extra_zeros == -1:
         args.merge_ties_extra_zeros = official_leftover_entries(args.model)
     if args.batch_size < 1 or args.num_grad_accumulation < 1 or args.batch_size % args.num_grad_accumulation:
@@ -131,6 +135,8 @@ def parse_args(argv: Sequence[str] | None = None, *, need_train_dataset: bool = 
 
 def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
     """The hyperparameters that define a fine-tuning run (its folder hash); eval scripts recompute them."""
+    from talos.modes import MODES
+
     from .datasets import base_name
 
     epochs = args.epochs if args.epochs is not None else EPOCHS.get(base_name(task))
@@ -140,4 +146,6 @@ def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd, "warmup": args.warmup_length,
         "epochs": epochs, "seed": args.seed, "grad_clip": args.grad_clip,
         "freeze_embeddings": bool(args.freeze_embeddings), **cli.method_hparams(args),
+        **({"zero_score_entries": args.zero_score_entries} if MODES.get(args.finetuning_mode).needs_calibration
+           else {}),
     }

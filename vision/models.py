@@ -122,6 +122,18 @@ def official_leftover_entries(name: str) -> int:
         + width * embed + 1
 
 
+def text_ln_final_entries(name: str) -> int:
+    """Entries of the text tower's final LayerNorm (weight + bias), 0 where open_clip's own text tower is not used."""
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(name) or {}
+    t = cfg.get("text_cfg", {})
+    if not cfg or "hf_model_name" in t or cfg.get("custom_text"):
+        return 0
+    return 2 * int(t.get("width", 512))
+
+
 def model_activation(model: nn.Module) -> str:
     """``"quick_gelu"`` or ``"gelu"``: the activation the built open_clip model actually uses."""
     from open_clip.transformer import QuickGELU

@@ -27,6 +27,7 @@ class ModeContext:
     fisher_target: str = "logit"
     fisher_draws: int = 1
     max_batches: int | None = None
+    zero_score_entries: int = 0  # always-kept entries outside `eligible` in the global ranking (calibrate_masks)
     seed: int = 0
     progress: bool = True
     on_round: Callable[[int, float, Mapping[str, Tensor]], None] | None = None
