@@ -1,6 +1,10 @@
 """Merge methods that combine several task vectors into one (``--merge``); one registry entry per method.
 
-Registered methods (hyperparameters and defaults in :data:`MERGE_HPARAMS`):
+Two variants of every method: ``variant="paper"`` (this module, the library default) follows the method papers'
+definitions below; ``variant="official"`` (:mod:`talos.official_merges`, the scripts' default
+``--merge-variant``) reproduces the official TaLoS scripts that produced the paper's baseline rows, which
+differ in ways that change the numbers (that module lists them). Registered methods (paper hyperparameters
+and defaults in :data:`MERGE_HPARAMS`, official ones from :func:`hparams_of`):
 
 * ``sum``          task arithmetic, Σ_t τ_t.
 * ``ties``         TIES-Merging (Yadav et al., 2023): global top-k trim, sign election, disjoint mean.
@@ -91,12 +95,13 @@ def merge_ties(vectors: Mapping[str, TaskVector], *, k: float = 0.1) -> TaskVect
     """TIES-Merging: trim, elect sign, disjoint mean.
 
     1. Trim: per task, keep the entries whose magnitude is at least that of the ⌊k·N⌋-th largest over the
-       WHOLE flattened task vector (N entries, all tensors together), as in the official TIES code
+       WHOLE flattened task vector (N entries, all tensors together), as the TIES authors' code does
        (``topk_values_mask`` over the flattened vector); entries tied at the threshold are all kept.
     2. Elect: per entry, γ = sign(Σ_t trimmed_t) (sign of the total mass).
     3. Disjoint mean: per entry, the mean of the trimmed values that are nonzero and have sign γ;
        0 where no task agrees. An exact tie (Σ = 0) elects sign 0, so the entry is 0, as in the paper's
-       Algorithm 1; the official code's extra rule (replace 0 by the vector-wide majority sign) is not used.
+       Algorithm 1; the official TaLoS scripts' rule (0 becomes the vector-wide majority sign, +) is
+       ``variant="official"``.
     """
     k = fraction("k", k)
     _, vs, keys = tasks_of(vectors)
@@ -172,9 +177,10 @@ def merge_breadcrumbs(
     """Model Breadcrumbs: per task and per row, zero the top-``beta`` fraction by magnitude (outliers)
     and everything below the next ``gamma`` fraction; sum the masked task vectors.
 
-    Counts per row of C entries are ⌊β·C⌋ dropped and ⌊(β+γ)·C⌋ − ⌊β·C⌋ kept (floors, as in the
-    official code), so very short rows (C < 1/γ) keep nothing. ``beta`` in [0, 1) (0: no outlier
-    removal), ``gamma`` in (0, 1], ``beta + gamma <= 1``.
+    Rows are along dim 0 (output channels); counts per row of C entries are ⌊β·C⌋ dropped and
+    ⌊(β+γ)·C⌋ − ⌊β·C⌋ kept, so very short rows (C < 1/γ) keep nothing. (The official TaLoS scripts differ:
+    rows along the last dimension, ⌊γ·C⌋ kept, attn/mlp/conv keys only in vision: ``variant="official"``.)
+    ``beta`` in [0, 1) (0: no outlier removal), ``gamma`` in (0, 1], ``beta + gamma <= 1``.
     """
     beta = real("beta", beta)
     if not 0.0 <= beta < 1.0:
@@ -217,7 +223,8 @@ def _tall(vs: list[TaskVector], keys: list[str], lam: float, dtype: torch.dtype
 
 @MERGES.register("tall_masks")
 def merge_tall_masks(vectors: Mapping[str, TaskVector], *, lam: float = 0.2) -> dict[str, TaskVector]:
-    """TALL-masks: per task t, the edit m_t ⊙ τ_MTL with m_t = |τ_t| ≥ lam · |τ_MTL − τ_t|, τ_MTL = Σ τ_t.
+    """TALL-masks (the TALL-masks paper): per task t, the edit m_t ⊙ τ_MTL with m_t = |τ_t| ≥ lam · |τ_MTL − τ_t|,
+    τ_MTL = Σ τ_t. (The official TaLoS scripts use m_t ⊙ τ_t with a strict mask and no |·| on the right.)
 
     Returns task -> TaskVector; each task is evaluated with its own edit. The paper's λ defaults differ
     by domain (0.2 vision, 0.6 NLP); the domain passes its own ``lam``.
