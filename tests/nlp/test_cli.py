@@ -48,7 +48,7 @@ def test_pipeline_end_to_end(synth, tmp_path):
         assert (d / f).exists(), f
     assert not (d / "checkpoint.pt").exists()
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["args"]["fisher_target"] == "log_prob" and cfg["hparams"]["accumulation"] == 2
+    assert cfg["args"]["fisher_target"] == "logit" and cfg["hparams"]["accumulation"] == 2
     assert cfg["versions"]["transformers"] and "git_commit" in cfg
     for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
         eval_task_addition.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
