@@ -89,6 +89,10 @@ def download_url(url: str, dest: Path, *, md5: str | None = None, sha256: str | 
                 for block in iter(lambda: response.read(CHUNK), b""):
                     f.write(block)
                     bar.update(len(block))
+        # http.client ends a dropped connection like a finished body: compare sizes, keep the part to resume.
+        if total is not None and part.stat().st_size < total:
+            raise ConnectionError(f"{url}: connection dropped at {part.stat().st_size:,} of {total:,} bytes; "
+                                  f"re-run to resume from {part}")
     _check(part, md5, sha256, url)
     os.replace(part, dest)
     return dest

@@ -670,7 +670,7 @@ class _TorchvisionSpec(DatasetSpec):
     def layouts(self, location: Location) -> list[list[Path]]:
         return [[self.folder(location) / f for f in self.files]]
 
-    def _dataset(self, split: str, transform: Callable | None, location: Location, **extra: Any) -> Dataset:
+    def _dataset(self, split: str, location: Location, **extra: Any) -> Dataset:
         cls = getattr(_torchvision_datasets(), self.tv_class)
         return cls(root=str(self.root(location) / self._root), download=False, **self.splits[split], **extra)
 
@@ -678,10 +678,10 @@ class _TorchvisionSpec(DatasetSpec):
         if self._classes is not None:
             return list(self._classes)
         self.check(location)
-        return list(self._dataset("test", None, location).classes)
+        return list(self._dataset("test", location).classes)
 
     def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
-        return self._dataset(split, transform, location, transform=_RGBThen(transform), target_transform=int)
+        return self._dataset(split, location, transform=_RGBThen(transform), target_transform=int)
 
 
 def _idx_files(prefix: str) -> list[str]:
