@@ -126,14 +126,38 @@ def hub_file(repo: str, filename: str, revision: str, *, md5: str | None = None)
     return path
 
 
-def hub_parquet_files(repo: str, revision: str, split: str) -> list[Path]:
-    """The parquet shards of ``split`` (``data/<split>-*.parquet`` or ``<config>/<split>/*.parquet``), sorted."""
-    names = HUB.list_files(repo, revision)
-    pattern = re.compile(rf"(^|/)({re.escape(split)}-[^/]*|{re.escape(split)}/[^/]*)\.parquet$")
-    shards = sorted(n for n in names if pattern.search(n))
-    if not shards:
-        raise FileNotFoundError(f"hf://datasets/{repo}@{revision} has no parquet files for split {split!r}")
-    return [HUB.download(repo, n, revision) for n in shards]
+#: The hub's automatic parquet conversion of every public dataset (``<config>/<split>/NNNN.parquet``).
+PARQUET_EXPORT = "refs/convert/parquet"
+
+
+def _shards(names: Sequence[str], split: str, config: str | None) -> list[str]:
+    """``[<dir>/]<split>-*.parquet`` or ``<dir>/<split>/*.parquet`` names; ``<dir>`` must be ``config`` if given."""
+    pattern = re.compile(rf"^(?:(?P<dir>.+)/)?(?:{re.escape(split)}-[^/]*|{re.escape(split)}/[^/]*)\.parquet$")
+    shards = []
+    for name in names:
+        match = pattern.match(name)
+        if match and (config is None or (match["dir"] or "").split("/")[0] == config):
+            shards.append(name)
+    return sorted(shards)
+
+
+def hub_parquet_files(repo: str, revision: str, split: str, config: str | None = None) -> list[Path]:
+    """The parquet shards of ``split`` at ``revision``, else in the hub's parquet conversion; sorted by name.
+
+    Shards: ``data/<split>-*.parquet`` (``push_to_hub``), ``<config>/<split>-*.parquet`` or
+    ``<config>/<split>/*.parquet`` (the conversion branch).
+    """
+    tried = []
+    for rev in dict.fromkeys((revision, PARQUET_EXPORT)):
+        try:
+            shards = _shards(HUB.list_files(repo, rev), split, config)
+        except Exception as e:  # noqa: BLE001 - a missing branch is one more place tried
+            tried.append(f"{rev} ({type(e).__name__}: {e})")
+            continue
+        if shards:
+            return [HUB.download(repo, n, rev) for n in shards]
+        tried.append(f"{rev} (no parquet files for split {split!r})")
+    raise FileNotFoundError(f"hf://datasets/{repo}{'/' + config if config else ''}: tried {'; '.join(tried)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,6 +198,9 @@ def _label_map(hub_names: Sequence[str] | None, official: Sequence[str], n_seen:
             raise ValueError(f"labels reach {n_seen - 1} but the official list has {len(official)} classes")
         return list(range(len(official)))
     index = {normalize_name(n): i for i, n in enumerate(official)}
+    if len(hub_names) == len(official) and all(str(n).isdigit() for n in hub_names) and \
+            not all(normalize_name(n) in index for n in hub_names):
+        return [int(n) for n in hub_names]  # numbered classes ("00000".."00042"): the number is the label
     unknown = [n for n in hub_names if normalize_name(n) not in index]
     if unknown or len(hub_names) != len(official):
         raise ValueError(f"hub class names do not match the official list ({len(hub_names)} vs {len(official)}); "
@@ -195,19 +222,26 @@ def export_parquet(files: Sequence[Path], out: Path, official: Sequence[str], fo
     names = hub_names if hub_names is not None else parquet_label_names(Path(files[0]), label_column)
     written = 0
     for path in files:
-        table = pq.read_table(path, columns=[image_column, label_column])
-        images, labels = table.column(image_column).to_pylist(), table.column(label_column).to_pylist()
-        mapping = _label_map(names, official, max(labels, default=-1) + 1)
-        for image, label in zip(images, labels):
-            data = image["bytes"] if isinstance(image, dict) else image
-            original = image.get("path") if isinstance(image, dict) else None
-            fname = os.path.basename(original) if original else f"{written:06d}{_extension(data)}"
-            target = out / folder(mapping[int(label)]) / fname
-            if target.exists():  # two rows with one file name: keep both, the second by row number
-                target = target.with_name(f"{written:06d}_{fname}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            written += 1
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=[image_column, label_column]):
+            written = _write_batch(batch.column(0).to_pylist(), batch.column(1).to_pylist(), out, official,
+                                   folder, names, written)
+    return written
+
+
+def _write_batch(images: list, labels: list[int], out: Path, official: Sequence[str], folder: Callable[[int], str],
+                 names: Sequence[str] | None, written: int) -> int:
+    """Write one record batch (see :func:`export_parquet`); returns the running count of rows written."""
+    mapping = _label_map(names, official, max(labels, default=-1) + 1)
+    for image, label in zip(images, labels):
+        data = image["bytes"] if isinstance(image, dict) else image
+        original = image.get("path") if isinstance(image, dict) else None
+        fname = os.path.basename(original) if original else f"{written:06d}{_extension(data)}"
+        target = out / folder(mapping[int(label)]) / fname
+        if target.exists():  # two rows with one file name: keep both, the second by row number
+            target = target.with_name(f"{written:06d}_{fname}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written += 1
     return written
 
 

@@ -780,7 +780,7 @@ def dataset_labels(dataset: Dataset) -> list[int]:
     for attr in ("targets", "labels", "_labels"):
         if hasattr(dataset, attr):
             return [int(x) for x in getattr(dataset, attr)]
-    for attr in ("_samples", "samples", "_image_files"):
+    for attr in ("_samples", "samples"):
         value = getattr(dataset, attr, None)
         if value and isinstance(value[0], tuple):
             return [int(x[1]) for x in value]

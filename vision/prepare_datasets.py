@@ -89,6 +89,7 @@ class ParquetSource:
     classes: Callable[[], list[str]]  # official class names in label order
     folder: Callable[[int], str]  # official label -> class folder name
     revision: str = "main"
+    config: str | None = None  # the repo's subset folder, for repos with several
     image_column: str = "image"
     label_column: str = "label"
     splits: tuple[tuple[str, str], ...] = (("train", "train"), ("test", "test"))  # (hub split, our folder)
@@ -97,7 +98,7 @@ class ParquetSource:
         classes = self.classes()
         with src.staging(loc / self.subdir) as tmp:
             for hub_split, folder in self.splits:
-                files = src.hub_parquet_files(self.repo, self.revision, hub_split)
+                files = src.hub_parquet_files(self.repo, self.revision, hub_split, self.config)
                 n = src.export_parquet(files, tmp / folder, classes, self.folder,
                                        image_column=self.image_column, label_column=self.label_column)
                 print(f"  {self.repo} {hub_split}: {n} images -> {loc / self.subdir / folder}")
@@ -307,7 +308,8 @@ class Source:
 
 
 def _hub(repo: str, subdir: str, classes: Callable[[], list[str]], folder: Callable[[int], str], **kw) -> Source:
-    what = f"hf://datasets/{repo} (parquet) -> {subdir}/"
+    config = f" ({kw['config']})" if kw.get("config") else ""
+    what = f"hf://datasets/{repo}{config} (parquet) -> {subdir}/"
     return Source("hub", what, ParquetSource(repo, subdir, classes, folder, **kw))
 
 
@@ -321,6 +323,7 @@ SOURCES: dict[str, list[Source]] = {
     "GTSRB": [Source("torchvision", "torchvision GTSRB", _tv_gtsrb),
               _hub("tanganke/gtsrb", "gtsrb", _fixed("GTSRB"), _index)],
     "MNIST": [Source("torchvision", "torchvision MNIST", _tv_mnist),
+              _hub("ylecun/mnist", "MNIST", _fixed("MNIST"), _index),
               _hub("tanganke/mnist", "MNIST", _fixed("MNIST"), _index)],
     "RESISC45": [Source("hub", f"hf://datasets/{RESISC45_REPO}@{RESISC45_REVISION[:7]} zip + split files (md5)",
                         _resisc45(_resisc45_hub)),
@@ -328,6 +331,7 @@ SOURCES: dict[str, list[Source]] = {
     "SUN397": [_hub("tanganke/sun397", "sun397", lambda: list(official.SUN397), _sun397_folder),
                Source("local", "arrange an extracted SUN397/ + Partitions (Training_01/Testing_01)", _arrange_sun397)],
     "SVHN": [Source("torchvision", "torchvision SVHN (.mat files)", _tv_svhn),
+             _hub("ufldl-stanford/svhn", "svhn", _fixed("SVHN"), _index, config="cropped_digits"),
              _hub("tanganke/svhn", "svhn", _fixed("SVHN"), _index)],
     "ImageNet": [Source("manual", "image-net.org archives placed by hand, unpacked by torchvision", _arrange_imagenet)],
     "FER2013": [_hub("Jeneral/fer-2013", "fer2013", lambda: list(official.FER2013), _index,
@@ -364,6 +368,8 @@ def _prepare_one(name: str, loc: Path, source: str | None, dry_run: bool) -> boo
     for s in [s for s in SOURCES[name] if source in (None, s.name)]:
         if dry_run:
             print(f"{name}: would prepare from {s.what}")
+            if instructions(name, loc):
+                print(instructions(name, loc))
             return False
         print(f"{name}: preparing from {s.what} ...")
         try:

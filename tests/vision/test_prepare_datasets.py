@@ -374,3 +374,39 @@ def test_list_and_group_and_source_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run("--dataset", "Cars", "--source", "torchvision", "--data-location", str(tmp_path))
     assert "not a source of Cars" in capsys.readouterr().err
+
+
+def test_shard_names_of_every_hub_layout():
+    names = ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+             "data/test-00000-of-00001.parquet", "cropped_digits/train-00000-of-00001.parquet",
+             "full_numbers/train-00000-of-00001.parquet", "default/train/0000.parquet", "train_extra.parquet"]
+    assert data_sources._shards(names, "train", "cropped_digits") == ["cropped_digits/train-00000-of-00001.parquet"]
+    assert data_sources._shards(names, "test", None) == ["data/test-00000-of-00001.parquet"]
+    assert data_sources._shards(names, "train", "default") == ["default/train/0000.parquet"]
+    assert len(data_sources._shards(names, "train", None)) == 5
+
+
+def test_hub_parquet_falls_back_to_the_conversion_branch(tmp_path, monkeypatch):
+    shard = _parquet(tmp_path / "0000.parquet", [(_jpeg((1, 1, 1)), None, 0)], None)
+
+    class Branches(FakeHub):
+        def list_files(self, repo, revision):
+            return ["loader.py"] if revision == "main" else ["default/train/0000.parquet"]
+
+    hub = Branches({"Jeneral/fer-2013": {"default/train/0000.parquet": shard}})
+    monkeypatch.setattr(data_sources, "HUB", hub)
+    assert data_sources.hub_parquet_files("Jeneral/fer-2013", "main", "train") == [shard]
+    assert hub.calls == [("Jeneral/fer-2013", "default/train/0000.parquet", "refs/convert/parquet")]
+    with pytest.raises(FileNotFoundError, match="main .no parquet files.*refs/convert/parquet"):
+        data_sources.hub_parquet_files("Jeneral/fer-2013", "main", "test")
+
+
+def test_numbered_hub_classes_map_by_number(tmp_path):
+    names = [f"{i:05d}" for i in range(43)]
+    rows = [(_jpeg((2, 2, 2)), None, 42), (_jpeg((3, 3, 3)), None, 0)]
+    shard = _parquet(tmp_path / "g.parquet", rows, list(reversed(names)))  # hub label 0 is class "00042"
+    gtsrb = DATASETS.get("GTSRB").fixed_classnames()
+    assert data_sources.export_parquet([shard], tmp_path / "out", gtsrb, prepare_datasets._index) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000", "042"]
+    assert (tmp_path / "out" / "000" / "000000.jpg").read_bytes() == rows[0][0]  # hub label 42 = "00000"
+
