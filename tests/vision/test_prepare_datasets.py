@@ -410,3 +410,64 @@ def test_numbered_hub_classes_map_by_number(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000", "042"]
     assert (tmp_path / "out" / "000" / "000000.jpg").read_bytes() == rows[0][0]  # hub label 42 = "00000"
 
+
+
+@pytest.mark.parametrize("name, repo, shard_dir", [("GTSRB", "tanganke/gtsrb", "data"),
+                                                   ("SVHN", "ufldl-stanford/svhn", "cropped_digits")])
+def test_hub_exports_of_torchvision_datasets_load_through_the_registry(tmp_path, monkeypatch, name, repo, shard_dir):
+    spec = DATASETS.get(name)
+    names = spec.fixed_classnames()
+    rows = [(_jpeg((5, 5, 5)), None, label) for label in (0, 3, 3)]
+    monkeypatch.setattr(data_sources, "HUB", FakeHub({repo: {
+        f"{shard_dir}/{s}-00000-of-00001.parquet": _parquet(tmp_path / f"{s}.parquet", rows, names)
+        for s in ("train", "test")}}))
+    assert _run("--dataset", name, "--source", "hub", "--data-location", str(tmp_path / "d")) == 0
+    assert spec.uses_export(tmp_path / "d") and spec.classnames(tmp_path / "d") == names
+    test = get_dataset(name, "test", None, tmp_path / "d")
+    assert sorted(test[i][1] for i in range(3)) == [0, 3, 3]
+
+
+def test_torchvision_dtd_and_eurosat_sources(tmp_path, monkeypatch):
+    class FakeDTD:
+        def __init__(self, root, split, partition, download):
+            data = Path(root) / "dtd" / "dtd"
+            for part, files in (("train1", ["banded/b_1.jpg"]), ("val1", ["woven/w_1.jpg"]),
+                                ("test1", ["banded/b_2.jpg", "woven/w_2.jpg"])):
+                (data / "labels").mkdir(parents=True, exist_ok=True)
+                (data / "labels" / f"{part}.txt").write_text("\n".join(files) + "\n")
+                for f in files:
+                    (data / "images" / f).parent.mkdir(parents=True, exist_ok=True)
+                    (data / "images" / f).write_bytes(_jpeg((7, 7, 7)))
+
+    class FakeEuroSAT:
+        def __init__(self, root, download):
+            for c in ("Forest", "River"):
+                for i in range(10):
+                    p = Path(root) / "eurosat" / "2750" / c / f"{c}_{i}.jpg"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(_jpeg((i, 0, 0)))
+
+    monkeypatch.setattr(torchvision.datasets, "DTD", FakeDTD)
+    monkeypatch.setattr(torchvision.datasets, "EuroSAT", FakeEuroSAT)
+    data = tmp_path / "d"
+    assert _run("--dataset", "DTD,EuroSAT", "--source", "torchvision", "--data-location", str(data)) == 0
+    assert sorted(str(p.relative_to(data / "dtd")) for p in (data / "dtd").rglob("*.jpg")) == [
+        "test/banded/b_2.jpg", "test/woven/w_2.jpg", "train/banded/b_1.jpg", "train/woven/w_1.jpg"]
+    counts = {s: len(list((data / "EuroSAT_splits" / s).rglob("*.jpg"))) for s in ("train", "val", "test")}
+    assert counts == {"train": 16, "val": 2, "test": 2}  # 80/10/10 of 20 images
+
+
+def test_torchvision_svhn_source_downloads_both_mat_files(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    fetched = []
+
+    def fake_download(url, root, filename, md5):
+        fetched.append((filename, md5))
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(b"mat")
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    assert _run("--dataset", "SVHN", "--source", "torchvision", "--data-location", str(tmp_path)) == 0
+    assert [f for f, _ in fetched] == ["train_32x32.mat", "test_32x32.mat"] and all(m for _, m in fetched)
+    assert (tmp_path / "svhn" / "test_32x32.mat").is_file()
