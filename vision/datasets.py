@@ -286,7 +286,8 @@ class ImageFolderSpec(DatasetSpec):
     ``test_dirs``: accepted test folder names, first existing wins (e.g. task_vectors stores DTD's and
     SUN397's official test split as ``val``).
     ``official``: the official class list; class folders named by zero-padded label index (``000``, ``001``,
-    what ``prepare_datasets.py`` writes when a class name cannot be a folder name) take their names from it.
+    what ``prepare_datasets.py`` writes when a class name cannot be a folder name) take their names from it,
+    and their images are ordered by file name across classes (the source's row order), not class by class.
     """
 
     def __init__(
@@ -342,6 +343,9 @@ class ImageFolderSpec(DatasetSpec):
         classes = self.class_folders(location)
         if self._indexed(classes):  # label = folder index, names from the official list
             samples = _scan_image_folder(self.split_dir(split, location), classes, [int(c) for c in classes])
+            # Exports are named by source row (or original file name): file-name order restores the source's
+            # order across classes, which the seeded <Task>Val split depends on (torchvision's for Cars/MNIST).
+            samples.sort(key=lambda s: (os.path.basename(s[0]), s[1]))
             return FileListDataset(samples, transform, self.official)
         if self._classnames is not None and not callable(self._classnames) and len(classes) != len(self._classnames):
             raise ValueError(
@@ -665,7 +669,7 @@ class _TorchvisionSpec(DatasetSpec):
     def __init__(self, name: str, subdir: str, tv_class: str, *, root: str, files: Sequence[str],
                  splits: dict[str, dict[str, Any]], classes: Sequence[str] | None = None) -> None:
         super().__init__(name, subdir, name)
-        self.tv_class, self._root, self.files, self.splits = tv_class, root, tuple(files), splits
+        self.tv_class, self.tv_root, self.files, self.splits = tv_class, root, tuple(files), splits
         self._classes = list(classes) if classes is not None else None
 
     def layouts(self, location: Location) -> list[list[Path]]:
@@ -673,7 +677,7 @@ class _TorchvisionSpec(DatasetSpec):
 
     def _dataset(self, split: str, location: Location, **extra: Any) -> Dataset:
         cls = getattr(_torchvision_datasets(), self.tv_class)
-        return cls(root=str(self.root(location) / self._root), download=False, **self.splits[split], **extra)
+        return cls(root=str(self.root(location) / self.tv_root), download=False, **self.splits[split], **extra)
 
     def classnames(self, location: Location) -> list[str]:
         if self._classes is not None:

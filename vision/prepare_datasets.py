@@ -206,7 +206,7 @@ def _tv_suite(name: str) -> Callable[[Path], None]:
 
         def fetch(cache: Path) -> None:
             for kwargs in spec.splits.values():
-                getattr(tvd, spec.tv_class)(root=str(cache / spec._root), download=True, **kwargs)
+                getattr(tvd, spec.tv_class)(root=str(cache / spec.tv_root), download=True, **kwargs)
 
         _torchvision_into(loc, name, spec.subdir, fetch)
 
