@@ -25,14 +25,17 @@ from typing import Callable, Iterator, Sequence
 
 __all__ = [
     "ChecksumError", "download_url", "file_digest", "hub_file", "hub_parquet_files", "export_parquet",
-    "parquet_label_names", "staging", "HUB", "normalize_name",
+    "parquet_label_names", "staging", "HUB", "normalize_name", "resumable_torchvision_downloads",
 ]
 
 CHUNK = 1 << 20
 
 
-class ChecksumError(ValueError):
-    """A downloaded file does not have the published checksum (the file is deleted)."""
+class ChecksumError(RuntimeError):
+    """A downloaded file does not have the published checksum (the file is deleted).
+
+    A ``RuntimeError`` like torchvision's own integrity error, so torchvision's mirror loops try the next mirror.
+    """
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -96,6 +99,28 @@ def download_url(url: str, dest: Path, *, md5: str | None = None, sha256: str | 
     _check(part, md5, sha256, url)
     os.replace(part, dest)
     return dest
+
+
+@contextmanager
+def resumable_torchvision_downloads() -> Iterator[None]:
+    """Route torchvision's ``download_url`` (and so ``download_and_extract_archive``) through :func:`download_url`.
+
+    torchvision restarts an interrupted download from byte 0; inside this block its archives resume instead,
+    with the same md5 checks. (Google Drive downloads, PCAM's, keep torchvision's own path.)
+    """
+    import torchvision.datasets.utils as tv_utils
+
+    original = tv_utils.download_url
+
+    def resumable(url: str, root: str | os.PathLike, filename: str | os.PathLike | None = None,
+                  md5: str | None = None, max_redirect_hops: int = 3) -> None:
+        download_url(url, Path(root).expanduser() / (filename or os.path.basename(url)), md5=md5)
+
+    tv_utils.download_url = resumable
+    try:
+        yield
+    finally:
+        tv_utils.download_url = original
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def _fixed(name: str) -> Callable[[], list[str]]:
 def _torchvision_into(loc: Path, name: str, subdir: str, fetch: Callable[[Path], None]) -> None:
     """Run ``fetch(cache_root)``, which must create ``cache_root/<subdir>``, then move that folder into place."""
     cache = _cache(loc, name)
-    fetch(cache)
+    with src.resumable_torchvision_downloads():
+        fetch(cache)
     _publish(cache / subdir, loc / subdir)
 
 
@@ -172,7 +173,8 @@ def _tv_eurosat(loc: Path, seed: int = 0) -> None:
     import torchvision.datasets as tvd
 
     cache = _cache(loc, "EuroSAT")
-    tvd.EuroSAT(root=str(cache), download=True)
+    with src.resumable_torchvision_downloads():
+        tvd.EuroSAT(root=str(cache), download=True)
     files = sorted(p for p in (cache / "eurosat" / "2750").glob("*/*") if p.is_file())
     perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
     n_train, n_val = int(0.8 * len(files)), int(0.1 * len(files))
@@ -187,7 +189,8 @@ def _tv_dtd(loc: Path) -> None:
     import torchvision.datasets as tvd
 
     cache = _cache(loc, "DTD")
-    tvd.DTD(root=str(cache), split="train", partition=1, download=True)
+    with src.resumable_torchvision_downloads():
+        tvd.DTD(root=str(cache), split="train", partition=1, download=True)
     data = cache / "dtd" / "dtd"
     with src.staging(loc / "dtd") as tmp:
         for target, parts in (("train", ("train1", "val1")), ("test", ("test1",))):

@@ -471,3 +471,33 @@ def test_torchvision_svhn_source_downloads_both_mat_files(tmp_path, monkeypatch)
     assert _run("--dataset", "SVHN", "--source", "torchvision", "--data-location", str(tmp_path)) == 0
     assert [f for f, _ in fetched] == ["train_32x32.mat", "test_32x32.mat"] and all(m for _, m in fetched)
     assert (tmp_path / "svhn" / "test_32x32.mat").is_file()
+
+
+def test_torchvision_mnist_through_the_local_server_resumes(tmp_path, monkeypatch, server):
+    """The real torchvision MNIST class, its mirror pointed at 127.0.0.1: a dropped archive resumes on re-run."""
+    import gzip
+
+    import numpy as np
+
+    from tests.vision.test_datasets import _write_idx
+
+    resources = []
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        for kind, array in (("images-idx3", np.zeros((n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            raw = tmp_path / "src" / f"{prefix}-{kind}-ubyte"
+            _write_idx(raw, array)
+            body = gzip.compress(raw.read_bytes())
+            server.files[raw.name + ".gz"] = body
+            resources.append((raw.name + ".gz", hashlib.md5(body).hexdigest()))
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [server.url + "/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    server.cut = True  # the first archive drops halfway
+    data = tmp_path / "d"
+    assert _run("--dataset", "MNIST", "--source", "torchvision", "--data-location", str(data)) == 1
+    partial = data / ".downloads" / "MNIST" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz.part"
+    assert partial.is_file() and not (data / "MNIST").exists()
+    have = partial.stat().st_size
+    assert _run("--dataset", "MNIST", "--source", "torchvision", "--data-location", str(data)) == 0
+    assert server.ranges[:2] == [0, have] and have > 0  # the re-run asked only for the rest of that archive
+    test = get_dataset("MNIST", "test", None, data)
+    assert len(test) == 5 and test[3][1] == 3
