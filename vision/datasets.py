@@ -8,6 +8,10 @@ Splits (the rule every task follows, ImageNet included)::
     <Name>Val, "test"  -> the validation images: 10% of the official train split, at most 5,000,
                           drawn with torch.randperm seeded 0 (identical to task_vectors' random_split)
 
+Exception, as in the official code: a dataset whose layout ships its own validation folder (EuroSAT's
+``EuroSAT_splits/val``, the official ``EuroSATVal``) uses it as ``<Name>Val/"test"``, and then every "train"
+is the full train folder (disjoint from it already). Without that folder the 10% rule applies (logged).
+
 Fine-tuning never sees the validation images (they calibrate TaLoS masks and choose merge
 coefficients), which is why ``get_dataset(<Name>, "train")`` already excludes them. ``spec.build("train")``
 is the full official train split, for callers that need it explicitly.
@@ -26,6 +30,7 @@ scripts call :func:`check_datasets` before loading any model.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -60,6 +65,7 @@ __all__ = [
     "suite",
 ]
 
+logger = logging.getLogger("talos")
 Location = str | os.PathLike
 SPLITS = ("train", "test")
 VAL_SUFFIX = "Val"
@@ -264,6 +270,10 @@ class DatasetSpec:
         """Class names in label order (what the zero-shot head is built from)."""
         raise NotImplementedError
 
+    def build_val(self, transform: Callable | None, location: Location) -> Dataset | None:
+        """The dataset's own validation split when its layout has one (None: hold out 10% of train)."""
+        return None
+
     def build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
         """The FULL official ``split`` ("train" or "test") yielding ``(image_tensor, label_int)``."""
         if split not in SPLITS:
@@ -288,6 +298,7 @@ class ImageFolderSpec(DatasetSpec):
     ``official``: the official class list; class folders named by zero-padded label index (``000``, ``001``,
     what ``prepare_datasets.py`` writes when a class name cannot be a folder name) take their names from it,
     and their images are ordered by file name across classes (the source's row order), not class by class.
+    ``val_dirs``: folders of an official validation split (EuroSAT's ``val``), used by :meth:`build_val`.
     """
 
     def __init__(
@@ -300,9 +311,11 @@ class ImageFolderSpec(DatasetSpec):
         train_dir: str = "train",
         test_dirs: Sequence[str] = ("test",),
         official: Sequence[str] | None = None,
+        val_dirs: Sequence[str] = (),
     ) -> None:
         super().__init__(name, subdir, templates)
         self._classnames = classnames
+        self.val_dirs = tuple(val_dirs)
         self.official = list(official) if official is not None else None
         self.train_dir = train_dir
         self.test_dirs = tuple(test_dirs)
@@ -335,6 +348,18 @@ class ImageFolderSpec(DatasetSpec):
         if callable(self._classnames):
             return list(self._classnames(folders))
         return [f.replace("_", " ") for f in folders]
+
+    def build_val(self, transform: Callable | None, location: Location) -> Dataset | None:
+        if not self.val_dirs:
+            return None
+        self.check(location)
+        for d in self.val_dirs:
+            if (self.folder(location) / d).is_dir():
+                classes = self.class_folders(location)
+                return FileListDataset(_scan_image_folder(self.folder(location) / d, classes), transform, classes)
+        logger.warning("%s: no %s folder under %s; holding out 10%% of train as %sVal", self.name,
+                       "/".join(self.val_dirs), self.folder(location), self.name)
+        return None
 
     def _indexed(self, classes: Sequence[str]) -> bool:
         return self.official is not None and bool(classes) and all(c.isdigit() for c in classes)
@@ -804,7 +829,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 register_dataset(_CarsSpec())
 register_dataset(ImageFolderSpec("DTD", "dtd", "DTD", test_dirs=("test", "val")))
-register_dataset(ImageFolderSpec("EuroSAT", "EuroSAT_splits", "EuroSAT", _eurosat_names))
+register_dataset(ImageFolderSpec("EuroSAT", "EuroSAT_splits", "EuroSAT", _eurosat_names, val_dirs=("val",)))
 register_dataset(_GTSRBSpec())
 register_dataset(_MNISTSpec())
 register_dataset(_RESISC45Spec())
@@ -855,6 +880,9 @@ def get_dataset(name: str, split: str, transform: Callable | None, location: Loc
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "test" and not is_val(name):
         return spec.build("test", transform, location)
+    own_val = spec.build_val(transform, location)
+    if own_val is not None:  # a separate official validation split: train is the whole train folder
+        return own_val if split == "test" else spec.build("train", transform, location)
     full = spec.build("train", transform, location)
     train_idx, val_idx = split_train_val(len(full))
     return Subset(full, val_idx if (split == "test") else train_idx)

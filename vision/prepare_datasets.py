@@ -93,12 +93,19 @@ class ParquetSource:
     image_column: str = "image"
     label_column: str = "label"
     splits: tuple[tuple[str, str], ...] = (("train", "train"), ("test", "test"))  # (hub split, our folder)
+    optional: tuple[str, ...] = ()  # hub splits exported when the repo has them
 
     def __call__(self, loc: Path) -> None:
         classes = self.classes()
         with src.staging(loc / self.subdir) as tmp:
             for hub_split, folder in self.splits:
-                files = src.hub_parquet_files(self.repo, self.revision, hub_split, self.config)
+                try:
+                    files = src.hub_parquet_files(self.repo, self.revision, hub_split, self.config)
+                except FileNotFoundError:
+                    if hub_split not in self.optional:
+                        raise
+                    print(f"  {self.repo}: no {hub_split} split (optional)")
+                    continue
                 n = src.export_parquet(files, tmp / folder, classes, self.folder,
                                        image_column=self.image_column, label_column=self.label_column)
                 print(f"  {self.repo} {hub_split}: {n} images -> {loc / self.subdir / folder}")
@@ -167,7 +174,8 @@ def _tv_eurosat(loc: Path, seed: int = 0) -> None:
     """torchvision's EuroSAT (27,000 images) re-split 80/10/10 with a seeded permutation.
 
     Same sizes as the standard 21,600/2,700/2,700 split but NOT the same images (the task_vectors split was
-    drawn at random and is only distributed as a copy): a fallback, named as such by ``--list``.
+    drawn at random and is only distributed as a copy): a fallback, named as such by ``--list``. ``val``
+    is EuroSATVal's test split, as in the official code.
     """
     import torch
     import torchvision.datasets as tvd
@@ -320,7 +328,8 @@ SOURCES: dict[str, list[Source]] = {
     "Cars": [_hub("tanganke/stanford_cars", "stanford_cars_folder_based", lambda: list(official.CARS), _index)],
     "DTD": [_hub("tanganke/dtd", "dtd", lambda: list(official.DTD), lambda i: official.DTD[i]),
             Source("torchvision", "torchvision DTD partition 1 (train+val / test)", _tv_dtd)],
-    "EuroSAT": [_hub("tanganke/eurosat", "EuroSAT_splits", _eurosat_classes, _eurosat_folder),
+    "EuroSAT": [_hub("tanganke/eurosat", "EuroSAT_splits", _eurosat_classes, _eurosat_folder,
+                     splits=(("train", "train"), ("validation", "val"), ("test", "test")), optional=("validation",)),
                 Source("torchvision", "torchvision EuroSAT, seeded 80/10/10 re-split (NOT the standard split)",
                        _tv_eurosat, same_split_as_task_vectors=False)],
     "GTSRB": [Source("torchvision", "torchvision GTSRB", _tv_gtsrb),

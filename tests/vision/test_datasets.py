@@ -210,6 +210,26 @@ def test_eurosat_layout_and_readable_names(tmp_path):
     _check_item(get_dataset("EuroSAT", "test", None, tmp_path), 3)
 
 
+def test_eurosat_val_folder_is_eurosatval_as_in_the_official_code(tmp_path, caplog):
+    classes = ["AnnualCrop", "Forest", "SeaLake"]
+    base = tmp_path / "EuroSAT_splits"
+    _folders(base / "train", classes, 4, ext="jpg")
+    _folders(base / "test", classes, 1, ext="jpg")
+    _folders(base / "val", classes, 2, ext="jpg")
+    val = get_dataset("EuroSATVal", "test", None, tmp_path)
+    assert sorted(Path(p).relative_to(base).parts[0] for p, _ in val.samples) == ["val"] * 6
+    assert [label for _, label in val.samples] == [0, 0, 1, 1, 2, 2]
+    for name in ("EuroSAT", "EuroSATVal"):  # the validation images are separate: train is the whole folder
+        assert len(get_dataset(name, "train", None, tmp_path)) == 12
+    assert len(get_dataset("EuroSAT", "test", None, tmp_path)) == 3
+    import shutil
+
+    shutil.rmtree(base / "val")
+    with caplog.at_level("WARNING", logger="talos"):
+        assert len(get_dataset("EuroSATVal", "test", None, tmp_path)) == 1  # the 10% rule, logged
+    assert "holding out 10%" in caplog.text
+
+
 @pytest.mark.parametrize("test_dir", ["test", "val"])
 def test_sun397_layout(tmp_path, test_dir):
     classes = ["a_abbey", "a_apartment_building_outdoor", "b_bakery_shop"]

@@ -130,7 +130,7 @@ def test_eurosat_and_sun397_exports_use_task_vectors_folder_names(tmp_path, monk
     hub = FakeHub({
         "tanganke/eurosat": {f"data/{s}-0.parquet": _parquet(tmp_path / f"e{s}.parquet",
                                                              [(_jpeg((1, 2, 3)), None, 9)], eurosat_names)
-                             for s in ("train", "test")},
+                             for s in ("train", "validation", "test")},
         "tanganke/sun397": {f"data/{s}-0.parquet": _parquet(tmp_path / f"s{s}.parquet", sun_rows, official.SUN397)
                             for s in ("train", "test")},
     })
@@ -138,6 +138,7 @@ def test_eurosat_and_sun397_exports_use_task_vectors_folder_names(tmp_path, monk
     assert _run("--dataset", "EuroSAT,SUN397", "--data-location", str(tmp_path / "d")) == 0
     assert [p.name for p in (tmp_path / "d" / "EuroSAT_splits" / "train").iterdir()] == ["SeaLake"]
     assert DATASETS.get("EuroSAT").classnames(tmp_path / "d") == ["lake or sea"]
+    assert len(get_dataset("EuroSATVal", "test", None, tmp_path / "d")) == 1  # the hub's validation split
     assert sorted(p.name for p in (tmp_path / "d" / "sun397" / "test").iterdir()) == [
         "a_abbey", "a_apartment_building_outdoor"]
     assert DATASETS.get("SUN397").classnames(tmp_path / "d") == ["abbey", "apartment building outdoor"]
