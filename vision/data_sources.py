@@ -189,8 +189,14 @@ def hub_parquet_files(repo: str, revision: str, split: str, config: str | None =
 # Parquet -> image folders
 # --------------------------------------------------------------------------------------------------
 def normalize_name(name: str) -> str:
-    """Class names compared loosely: case, ``_``/``-``/spaces ignored (``"Annual_Crop"`` == ``"annual crop"``)."""
-    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+    """Class names compared loosely: case, ``_``/``-``/``/``/spaces ignored (``"Annual_Crop"`` == ``"annual crop"``).
+
+    SUN397's raw forms lose their letter folder: ``"/a/apartment_building/outdoor"`` and
+    ``"a_apartment_building_outdoor"`` both become ``"apartment building outdoor"``.
+    """
+    n = re.sub(r"[\s_\-/]+", " ", name).strip().lower()
+    letter = re.match(r"^([a-z]) (\1.*)$", n)
+    return letter.group(2) if letter else n
 
 
 def parquet_label_names(path: Path, column: str) -> list[str] | None:
@@ -216,13 +222,18 @@ def _extension(data: bytes) -> str:
     raise ValueError(f"unknown image format (first bytes {data[:8]!r})")
 
 
-def _label_map(hub_names: Sequence[str] | None, official: Sequence[str], n_seen: int) -> list[int]:
-    """hub label index -> official index, matched by name; without hub names the orders must agree."""
+def _label_map(hub_names: Sequence[str] | None, official: Sequence[str], n_seen: int,
+               aliases: Sequence[str] = ()) -> list[int]:
+    """hub label index -> official index, matched by name (or by ``aliases``, a second spelling of the official
+    list in the same order); without hub names the orders must agree."""
     if hub_names is None:
         if n_seen > len(official):
             raise ValueError(f"labels reach {n_seen - 1} but the official list has {len(official)} classes")
         return list(range(len(official)))
     index = {normalize_name(n): i for i, n in enumerate(official)}
+    index.update({normalize_name(n): i for i, n in enumerate(aliases) if normalize_name(n) not in index})
+    if len({normalize_name(n) for n in official}) != len(official):
+        raise ValueError("the official class list has names that only differ in case or separators")
     if len(hub_names) == len(official) and all(str(n).isdigit() for n in hub_names) and \
             not all(normalize_name(n) in index for n in hub_names):
         return [int(n) for n in hub_names]  # numbered classes ("00000".."00042"): the number is the label
@@ -235,12 +246,13 @@ def _label_map(hub_names: Sequence[str] | None, official: Sequence[str], n_seen:
 
 def export_parquet(files: Sequence[Path], out: Path, official: Sequence[str], folder: Callable[[int], str], *,
                    image_column: str = "image", label_column: str = "label",
-                   hub_names: Sequence[str] | None = None) -> int:
+                   hub_names: Sequence[str] | None = None, aliases: Sequence[str] = ()) -> int:
     """Write every row of ``files`` to ``out/<folder(official label)>/<name>``; return the number written.
 
     ``name`` is the basename of the row's original ``path`` when the source kept it (so ImageFolder's
     file-name order is the original archive's), else ``<row:06d>`` plus the extension its bytes have.
-    ``hub_names`` overrides the names read from the schema (sources that store labels without them).
+    ``hub_names`` overrides the names read from the schema (sources that store labels without them);
+    ``aliases`` is another accepted spelling of ``official`` (same order), e.g. EuroSAT's folder names.
     """
     import pyarrow.parquet as pq
 
@@ -248,15 +260,15 @@ def export_parquet(files: Sequence[Path], out: Path, official: Sequence[str], fo
     written = 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=[image_column, label_column]):
-            written = _write_batch(batch.column(0).to_pylist(), batch.column(1).to_pylist(), out, official,
-                                   folder, names, written)
+            mapping = _label_map(names, official, max(batch.column(1).to_pylist(), default=-1) + 1, aliases)
+            written = _write_batch(batch.column(0).to_pylist(), batch.column(1).to_pylist(), out, folder,
+                                   mapping, written)
     return written
 
 
-def _write_batch(images: list, labels: list[int], out: Path, official: Sequence[str], folder: Callable[[int], str],
-                 names: Sequence[str] | None, written: int) -> int:
+def _write_batch(images: list, labels: list[int], out: Path, folder: Callable[[int], str], mapping: list[int],
+                 written: int) -> int:
     """Write one record batch (see :func:`export_parquet`); returns the running count of rows written."""
-    mapping = _label_map(names, official, max(labels, default=-1) + 1)
     for image, label in zip(images, labels):
         data = image["bytes"] if isinstance(image, dict) else image
         original = image.get("path") if isinstance(image, dict) else None

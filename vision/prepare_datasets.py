@@ -94,6 +94,7 @@ class ParquetSource:
     label_column: str = "label"
     splits: tuple[tuple[str, str], ...] = (("train", "train"), ("test", "test"))  # (hub split, our folder)
     optional: tuple[str, ...] = ()  # hub splits exported when the repo has them
+    aliases: Callable[[], list[str]] | None = None  # another spelling of the official names (same order)
 
     def __call__(self, loc: Path) -> None:
         classes = self.classes()
@@ -106,8 +107,9 @@ class ParquetSource:
                         raise
                     print(f"  {self.repo}: no {hub_split} split (optional)")
                     continue
-                n = src.export_parquet(files, tmp / folder, classes, self.folder,
-                                       image_column=self.image_column, label_column=self.label_column)
+                n = src.export_parquet(files, tmp / folder, classes, self.folder, image_column=self.image_column,
+                                       label_column=self.label_column,
+                                       aliases=self.aliases() if self.aliases else ())
                 print(f"  {self.repo} {hub_split}: {n} images -> {loc / self.subdir / folder}")
 
 
@@ -329,7 +331,8 @@ SOURCES: dict[str, list[Source]] = {
     "DTD": [_hub("tanganke/dtd", "dtd", lambda: list(official.DTD), lambda i: official.DTD[i]),
             Source("torchvision", "torchvision DTD partition 1 (train+val / test)", _tv_dtd)],
     "EuroSAT": [_hub("tanganke/eurosat", "EuroSAT_splits", _eurosat_classes, _eurosat_folder,
-                     splits=(("train", "train"), ("validation", "val"), ("test", "test")), optional=("validation",)),
+                     splits=(("train", "train"), ("validation", "val"), ("test", "test")), optional=("validation",),
+                     aliases=lambda: sorted(EUROSAT_CLASSNAMES)),
                 Source("torchvision", "torchvision EuroSAT, seeded 80/10/10 re-split (NOT the standard split)",
                        _tv_eurosat, same_split_as_task_vectors=False)],
     "GTSRB": [Source("torchvision", "torchvision GTSRB", _tv_gtsrb),

@@ -502,3 +502,18 @@ def test_torchvision_mnist_through_the_local_server_resumes(tmp_path, monkeypatc
     assert server.ranges[:2] == [0, have] and have > 0  # the re-run asked only for the rest of that archive
     test = get_dataset("MNIST", "test", None, data)
     assert len(test) == 5 and test[3][1] == 3
+
+
+def test_class_names_match_across_spellings():
+    norm = data_sources.normalize_name
+    assert norm("/a/apartment_building/outdoor") == norm("a_apartment_building_outdoor") == norm(
+        "apartment building outdoor")
+    assert norm("AnnualCrop") != norm("annual crop land")  # different names stay different
+    assert norm("Ram C/V Cargo Van Minivan 2012") == norm("ram c v cargo van minivan 2012")
+    assert norm("polka-dotted") == "polka dotted" and norm("a photo") == "a photo"
+    hub = ["/" + n[0] + "/" + n.replace(" ", "_") for n in official.SUN397]
+    assert data_sources._label_map(hub, official.SUN397, 397) == list(range(397))
+    readable, folders = prepare_datasets._eurosat_classes(), sorted(prepare_datasets.EUROSAT_CLASSNAMES)
+    assert data_sources._label_map(folders[::-1], readable, 10, aliases=folders) == list(range(10))[::-1]
+    with pytest.raises(ValueError, match="do not match"):
+        data_sources._label_map(folders, readable, 10)
