@@ -137,7 +137,8 @@ register_task(TaskSpec("winogrande", "winogrande", lambda r: int(r["answer"]) - 
                        _both("allenai/winogrande", "winogrande_xl")))
 register_task(TaskSpec("wsc", "wsc", lambda r: int(r["label"]), "val32",
                        (HubSource("aps/super_glue", "wsc.fixed"),
-                        HubSource("aps/super_glue", "wsc.fixed", parquet_export=True)), int_fields=("span1_index", "span2_index", "idx", "label")))
+                        HubSource("aps/super_glue", "wsc.fixed", parquet_export=True)),
+                       int_fields=("span1_index", "span2_index", "idx", "label")))
 register_task(TaskSpec("rte", "rte", lambda r: int(r["label"]), "val32",
                        (HubSource("aps/super_glue", "rte"), HubSource("aps/super_glue", "rte", parquet_export=True)),
                        int_fields=("idx", "label")))

@@ -272,6 +272,8 @@ def _write_batch(images: list, labels: list[int], out: Path, folder: Callable[[i
     for image, label in zip(images, labels):
         data = image["bytes"] if isinstance(image, dict) else image
         original = image.get("path") if isinstance(image, dict) else None
+        if not data:
+            raise ValueError(f"row {written} has no image bytes (path {original!r}): not a self-contained copy")
         fname = os.path.basename(original) if original else f"{written:06d}{_extension(data)}"
         target = out / folder(mapping[int(label)]) / fname
         if target.exists():  # two rows with one file name: keep both, the second by row number

@@ -744,7 +744,8 @@ def _suite_specs() -> list[DatasetSpec]:
                                 for xy in ("x", "y")]),
         ImageFolderSpec("FER2013", "fer2013", "FER2013", official=FER2013),
         _TorchvisionSpec("EMNIST", "EMNIST", "EMNIST", root="EMNIST",
-                         splits={"train": {"split": "digits", "train": True}, "test": {"split": "digits", "train": False}},
+                         splits={"train": {"split": "digits", "train": True},
+                                 "test": {"split": "digits", "train": False}},
                          files=[f"EMNIST/raw/emnist-digits-{s}-{k}-ubyte" for s in ("train", "test")
                                 for k in ("images-idx3", "labels-idx1")],
                          classes=[str(d) for d in range(10)]),

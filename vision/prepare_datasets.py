@@ -32,6 +32,7 @@ from vision import classnames as official  # noqa: E402
 from vision import data_sources as src  # noqa: E402
 from vision.datasets import (  # noqa: E402
     DATASETS, EUROSAT_CLASSNAMES, EXPECTED_COUNTS, SUITES, DatasetNotFoundError, base_name, dataset_labels,
+    prepare_command,
 )
 from vision.synthetic import SYNTHETIC_TASKS, make_synthetic_datasets  # noqa: E402
 
@@ -406,7 +407,7 @@ def verify(name: str, loc: Path) -> list[str]:
     """What is wrong with ``name`` under ``loc`` (empty when classes and images per split match the expected)."""
     missing = _missing(name, loc)
     if missing is not None:
-        return [f"missing {missing}"]
+        return [f"missing {missing} (prepare it with: {prepare_command(name, loc)})"]
     spec, problems = DATASETS.get(name), []
     for split, (n_classes, n_images) in EXPECTED_COUNTS.get(name, {}).items():
         try:

@@ -517,3 +517,14 @@ def test_class_names_match_across_spellings():
     assert data_sources._label_map(folders[::-1], readable, 10, aliases=folders) == list(range(10))[::-1]
     with pytest.raises(ValueError, match="do not match"):
         data_sources._label_map(folders, readable, 10)
+
+
+def test_optional_hub_split_may_be_absent(tmp_path, monkeypatch, capsys):
+    names = prepare_datasets._eurosat_classes()
+    files = {f"data/{s}-0.parquet": _parquet(tmp_path / f"{s}.parquet", [(_jpeg((4, 4, 4)), None, 0)] * 10, names)
+             for s in ("train", "test")}
+    monkeypatch.setattr(data_sources, "HUB", FakeHub({"tanganke/eurosat": files}))
+    assert _run("--dataset", "EuroSAT", "--source", "hub", "--data-location", str(tmp_path / "d")) == 0
+    assert "no validation split (optional)" in capsys.readouterr().out
+    assert not (tmp_path / "d" / "EuroSAT_splits" / "val").exists()
+    assert len(get_dataset("EuroSATVal", "test", None, tmp_path / "d")) == 1  # 10% of 10 train images
