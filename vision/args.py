@@ -17,6 +17,9 @@ from talos import cli
 #: Fine-tuning epochs per dataset (task_vectors / paper setting).
 EPOCHS = {
     "Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15, "SUN397": 14, "SVHN": 4,
+    # the 14- and 20-task suites: TALL-masks' presets (github:nik-dim/tall_masks, finetune.py `epochs`)
+    "CIFAR10": 6, "CIFAR100": 6, "STL10": 60, "Food101": 4, "Flowers102": 147, "FER2013": 10, "PCAM": 1,
+    "OxfordIIITPet": 82, "RenderedSST2": 39, "EMNIST": 2, "FashionMNIST": 5, "KMNIST": 5,
     # generated datasets of the CPU smoke run
     "SynthShapes": 2, "SynthColors": 2, "SynthStripes": 2, "SynthControl": 2,
 }
