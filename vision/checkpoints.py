@@ -315,7 +315,8 @@ SOURCES_LIST = (
            pretrained=lambda m, t: FileSpec("nik-dim/tall_masks", {"weights": (
                f"single_task/{m}/zeroshot.pt", f"single_task/{m}/nonlinear_zeroshot.pt",
                f"single_task/{m}/{t}Val/nonlinear_zeroshot.pt")}),
-           # open_clip < 2.2x built the openai weights with QuickGELU; the state dicts cannot say it
+           # their environment.yml pins open_clip 2.10.1, whose openai weights load with QuickGELU (the state dicts
+           # cannot say it themselves)
            activation="quick_gelu",
            note="open_clip ImageEncoder state dicts (keys model.*), single_task/<model>/<Task>Val/"),
     Source("task_vectors", "pickle", None, {m: m for m in _OPENAI_HF}, None,

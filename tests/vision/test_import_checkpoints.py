@@ -261,6 +261,25 @@ def test_task_vectors_pickles_need_allow_pickle(data, tmp_path, capfd):
     assert rec["source_info"]["class"] == "tests.vision.pickled_encoder.ImageEncoder"
 
 
+def test_finetune_and_eval_flags(tmp_path, capsys):
+    from vision import finetune
+    from vision.args import parse_args
+
+    base = ["--model", "talos-tiny-vit", "--pretrained", "none", "--device", "cpu", "--save", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        finetune.main(base + ["--finetuning-mode", "imported", "--import-source", "fusionbench",
+                              "--train-dataset", "SynthShapes"])
+    assert "not trained by this script" in capsys.readouterr().err
+    for bad in (["--finetuning-mode", "imported"], ["--finetuning-mode", "standard", "--import-source", "tall_masks"]):
+        with pytest.raises(SystemExit):
+            parse_args(base + bad)
+        assert "--import-source is required with, and only with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--finetuning-mode", "imported", "--import-source", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "vision").exists()
+
+
 # ------------------------------------------------------------------------------------------------- refusals
 def _refuses(data, tmp_path, message, *extra, write=None):
     theta0 = visual_state(our_clip())
