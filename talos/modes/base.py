@@ -98,6 +98,10 @@ class FinetuneMode:
         return (f"run: python {domain}/finetune.py --train-dataset {task} --finetuning-mode {self.name} "
                 f"--model {args.model} --save {args.save} (with the same hyperparameters)")
 
+    def results_label(self, args: Any) -> str:
+        """This mode's row name in a shared results.json (``--results-json``)."""
+        return self.name
+
     def describe(self) -> str:
         """One line for ``--help``."""
         return (self.__doc__ or self.name).strip().splitlines()[0]

@@ -27,6 +27,10 @@ class Imported(FinetuneMode):
         out["import_source"] = source
         return out
 
+    def results_label(self, args: argparse.Namespace) -> str:
+        """``imported:<source>``: vectors of different sources stay apart in one results.json."""
+        return f"imported:{getattr(args, 'import_source', None)}"
+
     def missing_hint(self, domain: str, args: argparse.Namespace, task: str) -> str:
         return (f"import it: python {domain}/import_checkpoints.py --source {getattr(args, 'import_source', None)} "
                 f"--model {args.model} --tasks {task} --save {args.save} (with the same --pretrained, --seed and "

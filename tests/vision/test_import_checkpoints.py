@@ -200,8 +200,12 @@ def test_fusionbench_import_then_protocols(data, tmp_path):
     neg = eval_task_negation.main(flags)
     assert set(add["per_task"]) == set(TASKS) and 0 <= add["absolute"] <= 1
     assert set(neg["per_task"]) == set(TASKS)
+    eval_task_addition.main(flags + ["--merge", "ties"])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["single_task"]["imported"]) == set(TASKS) and res["task_vector_density"]["imported"]
+    label = "imported:fusionbench"  # rows of a shared results.json, apart from other sources and modes
+    assert set(res["single_task"][label]) == set(TASKS) and res["task_vector_density"][label]
+    assert res["addition"][label]["absolute"] == add["absolute"] and res["negation"][label]["coef"] == neg["coef"]
+    assert res["merges"][f"sum ({label})"] == res["addition"][label] and f"ties ({label})" in res["merges"]
     # a second import skips the completed runs; another source's vectors are elsewhere
     before = (runs[TASKS[0]] / "task_vector.safetensors").stat().st_mtime_ns
     import_checkpoints.main(common(data, save, "--from", str(tmp_path / "hub"), *fusionbench_flags()))
