@@ -46,7 +46,8 @@ _HF_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_QKV_RE = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 _HF_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 # parts of a transformers CLIPModel that are not the image encoder
-_HF_IGNORED = re.compile(r"^(text_model\..*|text_projection\.weight|logit_scale|(vision_model\.)?embeddings\.position_ids)$")
+_HF_IGNORED = re.compile(r"^(text_model\..*|text_projection\.weight|logit_scale"
+                         r"|(vision_model\.)?embeddings\.position_ids)$")
 # parts of an open_clip CLIP (task_vectors / TALL-masks ImageEncoder.model) that are not the image encoder
 _OC_IGNORED = re.compile(r"^(transformer\..*|token_embedding\..*|positional_embedding|ln_final\..*|text_projection"
                          r"|logit_scale|logit_bias|attn_mask)$")

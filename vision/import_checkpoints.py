@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
                              "source's θ0 (recorded), or fix --model/--pretrained")
         base = dict(ours)
         if args.use_source_theta0:
-            base.update(loaded0.converted.tensors)
+            base.update({k: v.to(ours[k].dtype) for k, v in loaded0.converted.tensors.items()})
         theta0 = {"theta0": "source" if args.use_source_theta0 else "ours", "theta0_max_abs_diff": diff,
                   "theta0_largest_difference_at": where, "theta0_atol": args.theta0_atol,
                   "pretrained_files": loaded0.files, "pretrained_absent_keys": absent0}

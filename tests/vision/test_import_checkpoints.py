@@ -356,7 +356,8 @@ def test_hub_downloads_go_through_huggingface_hub(data, tmp_path, monkeypatch):
 
     def download(repo_id, filename, revision=None, cache_dir=None, **_):
         calls.append(("get", repo_id, filename, revision, cache_dir))
-        dst = tmp_path / "cache" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("c0ffee" * 7)[:40] / filename
+        snapshot = tmp_path / "cache" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("c0ffee" * 7)[:40]
+        dst = snapshot / filename
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes((hub / repo_id / filename).read_bytes())
         return str(dst)
