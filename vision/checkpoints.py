@@ -162,25 +162,28 @@ def encoder_architecture(visual: nn.Module) -> dict[str, int]:
             "image_size": int(size)}
 
 
-def _vision_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    return config.get("vision_config") or config  # CLIPModel nests it; CLIPVisionModel is it
+def _vision_config(config: Mapping[str, Any]) -> Any:
+    """The vision tower's ``CLIPVisionConfig`` of a config.json (CLIPModel nests it; CLIPVisionModel is it),
+    with transformers' defaults for the fields a saved config leaves out (recent versions write only
+    non-defaults; the defaults are ViT-B/32's, ``quick_gelu`` included)."""
+    from transformers import CLIPVisionConfig
+
+    vc = dict(config.get("vision_config") or config)
+    vc.pop("architectures", None)
+    return CLIPVisionConfig.from_dict(vc)
 
 
 def hf_config_activation(config: Mapping[str, Any]) -> str:
     """The vision tower's ``hidden_act`` of a transformers CLIP config.json ('quick_gelu', 'gelu', ...)."""
-    act = _vision_config(config).get("hidden_act")
-    if not act:
-        raise ValueError("config.json has no hidden_act for the vision tower")
+    act = _vision_config(config).hidden_act
     return {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
 
 
 def hf_config_architecture(config: Mapping[str, Any]) -> dict[str, int]:
-    """The :func:`encoder_architecture` fields of a transformers CLIP config.json (transformers' defaults
-    for the fields it leaves out, which are ViT-B/32's)."""
+    """The :func:`encoder_architecture` fields of a transformers CLIP config.json."""
     vc = _vision_config(config)
-    defaults = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-                "patch_size": 32, "image_size": 224}
-    return {k: int(vc.get(k, d)) for k, d in defaults.items()}
+    return {k: int(getattr(vc, k)) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                             "intermediate_size", "patch_size", "image_size")}
 
 
 # ----------------------------------------------------------------------------------------------------------

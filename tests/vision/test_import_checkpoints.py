@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from talos.runinfo import seed_everything
 from talos.task_vector import TaskVector
 from vision import eval_single_task, eval_task_addition, eval_task_negation, import_checkpoints
-from vision.checkpoints import convert_hf_clip, convert_open_clip, encoder_activation, hf_clip_to_open_clip
+from vision.checkpoints import (convert_hf_clip, convert_open_clip, encoder_activation, hf_clip_to_open_clip,
+                                hf_config_activation, hf_config_architecture)
 from vision.synthetic import make_synthetic_datasets
 
 transformers = pytest.importorskip("transformers")
@@ -128,6 +129,15 @@ def test_transformers_clip_to_open_clip_gives_the_same_image_features():
         convert_hf_clip({k: v for k, v in vis.items() if k != "vision_model.encoder.layers.1.self_attn.v_proj.bias"})
 
 
+def test_config_fields_left_out_take_transformers_defaults():
+    # recent transformers write only non-default fields: an openai/clip-vit-base-patch32-like config
+    cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "vision_config": {"model_type": "clip_vision_model"}}
+    assert hf_config_activation(cfg) == "quick_gelu"
+    assert hf_config_architecture(cfg) == {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                                           "intermediate_size": 3072, "patch_size": 32, "image_size": 224}
+    assert hf_config_activation({**VISION, "hidden_act": "gelu"}) == "gelu"
+
+
 def test_open_clip_state_dicts_account_for_every_key():
     clip = our_clip()
     sd = {f"model.{k}": v for k, v in clip.state_dict().items()}
@@ -235,6 +245,21 @@ def test_tall_masks_state_dicts(data, tmp_path):
         rec = json.loads((runs[t] / "config.json").read_text())["import"]
         assert rec["files"][0]["path"] == f"single_task/TINY-clip/{t}Val/nonlinear_finetuned.pt"
         assert "model_name" in rec["ignored_keys"]
+
+
+def test_tall_masks_missing_layer_is_named(data, tmp_path):
+    clip = our_clip()
+    sd = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
+    folder = tmp_path / "hub" / "nik-dim" / "tall_masks" / "single_task" / "tiny"
+    (folder / "SynthShapesVal").mkdir(parents=True)
+    torch.save(sd, folder / "zeroshot.pt")
+    torch.save({k: v for k, v in sd.items() if ".resblocks.1." not in k}, folder / "SynthShapesVal" /
+               "nonlinear_finetuned.pt")
+    save = tmp_path / "runs"
+    with pytest.raises(ValueError, match=r"missing keys: visual\.transformer\.resblocks\.1\.attn\.in_proj_bias"):
+        import_checkpoints.main(common(data, save, "--from", str(tmp_path / "hub"), "--source", "tall_masks",
+                                       "--source-model", "tiny", "--tasks", "SynthShapes"))
+    assert not save.exists()
 
 
 def test_task_vectors_pickles_need_allow_pickle(data, tmp_path, capfd):
