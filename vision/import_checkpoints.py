@@ -54,15 +54,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = build_parser(__doc__.splitlines()[0])
     g = p.add_argument_group("import")
     g.add_argument("--source", dest="import_source", choices=SOURCES.names(), help="alias of --import-source")
-    g.add_argument("--tasks", type=cli.csv_list, default=None, help="comma-separated tasks (default: --eval-datasets)")
+    g.add_argument("--tasks", type=cli.csv_list, default=None, help="comma-separated tasks; none: --eval-datasets")
     g.add_argument("--from", dest="from_dir", default=None,
                    help="read files from this folder (laid out like the hub: DIR/<repo id>/<path>) instead of the hub")
     g.add_argument("--revision", default="main", help="hub revision (branch, tag or commit) of every repository read")
-    g.add_argument("--hub-cache", default=None, help="huggingface_hub cache folder (default: its own)")
+    g.add_argument("--hub-cache", default=None, help="huggingface_hub cache folder; none: its own")
     g.add_argument("--repo-id", default=None, help="read a single-repository source from this repository instead")
-    g.add_argument("--source-model", default=None, help="the source's name of --model (default: built-in table)")
+    g.add_argument("--source-model", default=None, help="the source's name of --model; none: the built-in table")
     g.add_argument("--source-name", action="append", default=[], metavar="TASK=NAME",
-                   help="the source's name of one of our tasks (repeatable; default: built-in table)")
+                   help="the source's name of one of our tasks (repeatable; others: the built-in table)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="task_vectors only: unpickle its modules (arbitrary code!) in a separate process")
     g.add_argument("--pickle-code-path", action="append", default=[],
