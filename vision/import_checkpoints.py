@@ -253,8 +253,8 @@ def check_against(loaded: Loaded, ours: Mapping[str, Tensor], our_activation: st
     label = f"{loaded.what} does not match --model {model}"
     if loaded.activation != our_activation:
         raise ValueError(f"{label}: it was trained with {loaded.activation} MLP activations, our model is built "
-                         f"with {our_activation} (features would differ); pick the --model/--pretrained that "
-                         "builds the same activation")
+                         f"with {our_activation} (features would differ); pick the --model/--pretrained/--activation "
+                         "that builds the same activation")
     if loaded.architecture is not None:
         bad = {k: (v, our_arch[k]) for k, v in loaded.architecture.items() if our_arch.get(k) != v}
         if bad:

@@ -21,7 +21,7 @@ from vision.synthetic import make_synthetic_datasets
 
 transformers = pytest.importorskip("transformers")
 
-MODEL = "talos-tiny-vit-quickgelu"  # talos-tiny-vit with QuickGELU (the OpenAI CLIP activation)
+MODEL = "talos-tiny-vit"  # built with QuickGELU (--activation quick_gelu), the activation of OpenAI CLIP
 TASKS = ["SynthShapes", "SynthColors"]
 VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
               patch_size=8, hidden_act="quick_gelu")
@@ -35,12 +35,12 @@ def data(tmp_path_factory):
     return loc
 
 
-def our_clip(model=MODEL, seed=0):
-    """The CLIP the scripts build for ``--model model --pretrained none --seed seed``."""
+def our_clip(activation="quick_gelu", seed=0):
+    """The CLIP the scripts build for ``--model MODEL --pretrained none --activation A --seed seed``."""
     from vision.models import load_clip
 
     seed_everything(seed)
-    return load_clip(model, "none")[0]
+    return load_clip(MODEL, "none", activation=activation)[0]
 
 
 def visual_state(clip):
@@ -82,7 +82,8 @@ def noise(visual: dict, seed: int, scale: float = 1e-2) -> dict:
 
 
 def common(data, save, *extra):
-    return ["--model", MODEL, "--pretrained", "none", "--data-location", str(data), "--save", str(save),
+    return ["--model", MODEL, "--pretrained", "none", "--activation", "quick_gelu", "--data-location", str(data),
+            "--save", str(save),
             "--eval-datasets", ",".join(TASKS), "--control-dataset", "SynthControl", "--eval-batch-size", "64",
             "--num-workers", "0", "--device", "cpu", "--no-progress", "--n-eval-points", "3", *extra]
 
@@ -321,9 +322,9 @@ def _refuses(data, tmp_path, message, *extra, write=None):
 
 
 def test_refuses_a_wrong_activation(data, tmp_path):
-    # the same checkpoints against the GELU tiny model: the features would differ
-    _refuses(data, tmp_path, "quick_gelu MLP activations, our model is built with gelu", "--model", "talos-tiny-vit",
-             write=lambda root, t0, d: write_fusionbench(root, visual_state(our_clip("talos-tiny-vit")),
+    # QuickGELU checkpoints against our model built with GELU: the features would differ
+    _refuses(data, tmp_path, "quick_gelu MLP activations, our model is built with gelu", "--activation", "gelu",
+             write=lambda root, t0, d: write_fusionbench(root, visual_state(our_clip("gelu")),
                                                          {t: noise(t0, 0) for t in d}))
 
 
