@@ -129,6 +129,8 @@ def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
         raise ValueError("--control-threshold must be in (0, 1]")
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError("--stop-after must be >= 1")
+    if need_train_dataset and not mode.trains:
+        raise ValueError(f"--finetuning-mode {mode.name} is not trained by this script: {mode.describe()}")
     if need_train_dataset and not args.train_dataset:
         raise ValueError("--train-dataset is required")
     if not args.eval_datasets:
@@ -233,10 +235,11 @@ class RunPaths:
 
     def finetune(self, args: argparse.Namespace, task: str) -> "FinetuneRun":
         """Where the fine-tuning run of ``task`` under ``args`` lives."""
+        from .modes import get_mode
         from .paths import FinetuneRun
 
-        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task,
-                           dict(self.finetune_hparams(args, task)))
+        hparams = get_mode(args.finetuning_mode).run_hparams(self.finetune_hparams(args, task), args)
+        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task, hparams)
 
     def evaluation(self, args: argparse.Namespace, protocol: str,
                    extra: Mapping[str, Any] | None = None) -> "EvalRun":
@@ -263,10 +266,7 @@ class RunPaths:
         for t in tasks:
             run = self.finetune(margs, t)
             if not run.task_vector.exists():
-                raise FileNotFoundError(
-                    f"no task vector for {t} ({mode}) at {run.task_vector}; run: python {self.domain}/finetune.py "
-                    f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} --save {args.save} "
-                    "(with the same hyperparameters)"
-                )
+                raise FileNotFoundError(f"no task vector for {t} ({mode}) at {run.task_vector}; "
+                                        + get_mode(mode).missing_hint(self.domain, margs, t))
             out[t] = TaskVector.load(run.task_vector)
         return out

@@ -41,6 +41,8 @@ CONTROL = "ImageNet"
 
 def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> argparse.ArgumentParser:
     """The single parser shared by all vision scripts."""
+    from .checkpoints import SOURCES
+
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-32",
@@ -65,6 +67,8 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
                                     f"{DEFAULT_CALIBRATION_BATCH_SIZE}",
         lora_scaling="alpha",
         lora_scaling_help="LoRA update multiplier: alpha (the official vision code) or alpha / rank (peft)")
+    g.add_argument("--import-source", default=None, choices=SOURCES.names(),
+                   help="with --finetuning-mode imported: whose published checkpoints (vision/import_checkpoints.py)")
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze class/positional embeddings and the output projection (exactly sparse task "
                         "vectors); off reproduces the official code, which trains them densely")
@@ -97,6 +101,7 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
 
 def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> argparse.Namespace:
     """Check every value and fill presets. Raises ValueError before any model or data is touched."""
+    from .checkpoints import SOURCES
     from .datasets import DATASETS, base_name
     from .models import check_model_name, official_leftover_entries, resolve_activation, text_ln_final_entries
 
@@ -108,6 +113,9 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
     args.zero_score_entries = text_ln_final_entries(args.model) if args.count_text_ln_final else 0
     if args.merge_ties_extra_zeros == -1:
         args.merge_ties_extra_zeros = official_leftover_entries(args.model)
+    if (mode.name == "imported") != (args.import_source is not None):
+        raise ValueError("--import-source is required with, and only with, --finetuning-mode imported "
+                         f"(sources: {', '.join(SOURCES.names())})")
     if args.batch_size < 1 or args.num_grad_accumulation < 1 or args.batch_size % args.num_grad_accumulation:
         raise ValueError("--batch-size must be a positive multiple of --num-grad-accumulation")
     if args.warmup_length < 0:

@@ -39,7 +39,8 @@ def run_dir(save, mode, task):
 def test_pipeline_end_to_end_every_mode(data, tmp_path):
     save, results = tmp_path / "runs", tmp_path / "results.json"
     modes = run_order()
-    assert set(modes) == set(MODES.names()) and modes.index("standard") < modes.index("lota")
+    assert set(modes) == {n for n in MODES.names() if MODES.get(n).trains}  # (imported: vision/import_checkpoints.py)
+    assert modes.index("standard") < modes.index("lota")
     for mode in modes:
         for task in TASKS.split(","):
             m = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
