@@ -86,6 +86,7 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
     mode = cli.validate_common(args, need_train_dataset=need_train_dataset,
                                check_task=lambda name: DATASETS.get(base_name(name)))
     check_model_name(args.model)
+    args.pretrained_id = cli.check_pretrained_file(args.pretrained)  # a file: its content hash (run hash)
     if args.batch_size < 1 or args.num_grad_accumulation < 1 or args.batch_size % args.num_grad_accumulation:
         raise ValueError("--batch-size must be a positive multiple of --num-grad-accumulation")
     if args.warmup_length < 0:
@@ -120,7 +121,7 @@ def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
 
     epochs = args.epochs if args.epochs is not None else EPOCHS.get(base_name(task))
     return {
-        "model": args.model, "pretrained": args.pretrained, "mode": args.finetuning_mode, "task": task,
+        "model": args.model, "pretrained": cli.pretrained_key(args), "mode": args.finetuning_mode, "task": task,
         "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd, "warmup": args.warmup_length,
         "epochs": epochs, "seed": args.seed, "grad_clip": args.grad_clip,
         "freeze_embeddings": bool(args.freeze_embeddings), **cli.method_hparams(args),
