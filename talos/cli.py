@@ -281,13 +281,16 @@ def check_merge_flags(args: argparse.Namespace) -> None:
 
     tasks = list(getattr(args, "eval_datasets", None) or ["a", "b"])
     g = torch.Generator().manual_seed(0)
-    vecs = {t: TaskVector({"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)}) for t in tasks}
+    make = lambda names: {t: TaskVector({"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)})  # noqa: E731
+                          for t in names}
     for method, hps in MERGE_HPARAMS.items():
         kw = {hp: getattr(args, f"merge_{method}_{hp}") for hp in hps if hasattr(args, f"merge_{method}_{hp}")}
         if not kw:
             continue
+        # the chosen merge sees the real number of tasks; the others only have their ranges checked
+        names = tasks if method == getattr(args, "merge", None) else [f"t{i}" for i in range(max(2, len(tasks)))]
         try:
-            merge(method, vecs, **kw)
+            merge(method, make(names), **kw)
         except ValueError as e:
             flags = ", ".join(f"--{method.replace('_', '-')}-{hp} {v}" for hp, v in kw.items())
             raise ValueError(f"merge {method} ({flags}): {e}") from None
@@ -342,14 +345,14 @@ def load_checked_task_vectors(domain: str, args: argparse.Namespace, margs: argp
     Every missing or untrusted run is listed in one error, each with the complete command that (re)builds it.
     """
     from .io import MANIFEST
-    from .pipeline import check_finite_task_vector, run_complete
+    from .pipeline import check_finite_task_vector
     from .task_vector import TaskVector
 
     problems = []
     for t, run in runs.items():
         if not run.task_vector.exists():
             why = "missing"
-        elif (run.dir / MANIFEST).exists() and (bad := run_complete(run)) is not None:
+        elif (run.dir / MANIFEST).exists() and (bad := _first_problem(run.task_vector, run.metrics)) is not None:
             why = f"not trusted ({bad})"  # damaged, or the run has not finished
         else:
             continue  # complete, or written before manifests existed (then only its content is checked)
@@ -362,3 +365,13 @@ def load_checked_task_vectors(domain: str, args: argparse.Namespace, margs: argp
         check_finite_task_vector(tv, run.task_vector)
         out[t] = tv
     return out
+
+
+def _first_problem(*paths: Path) -> str | None:
+    """``"<name>: <why>"`` for the first of ``paths`` that does not match its manifest, else None."""
+    from .io import check_artifact
+
+    for p in paths:
+        if (bad := check_artifact(p)) is not None:
+            return f"{p.name}: {bad}"
+    return None

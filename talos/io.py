@@ -38,7 +38,7 @@ class ArtifactError(ValueError):
     """An artifact that cannot be trusted or read; the message names the file and what to do."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str, fix: str | None = None) -> None:
-        self.path = Path(path)
+        self.path, self.problem = Path(path), problem
         fix = fix or "delete it and rerun the command that wrote it (it will be rebuilt)"
         super().__init__(f"{self.path}: {problem}; {fix}")
 
@@ -330,10 +330,11 @@ def check_artifact(path: str | os.PathLike[str], *, legacy_ok: bool = False) -> 
 # ----------------------------------------------------------------------------------------------------------
 # Locks: one writer per run folder, locked read-modify-write for shared files.
 # ----------------------------------------------------------------------------------------------------------
-def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
-    """Delete temp files a killed writer left in ``directory`` (call only while holding its lock)."""
+def remove_stale_temps(directory: str | os.PathLike[str], name: str | None = None) -> int:
+    """Delete temp files a killed writer left in ``directory`` (all, or those of target file ``name``); call
+    only while holding the lock that every writer of those files takes. Returns how many were removed."""
     n = 0
-    for t in Path(directory).glob(".*.tmp"):
+    for t in Path(directory).glob(f".{name}.*.tmp" if name else ".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             t.unlink()
             n += 1

@@ -136,6 +136,21 @@ def _save_artifact(path: Any, write: Callable[[Any], None]) -> None:
     record_artifact(path)
 
 
+def _trusted(path: Any) -> bool:
+    """An evaluation's results file exists and matches its manifest (folders without one: readable JSON)."""
+    if not path.exists():
+        return False
+    bad = check_artifact(path, legacy_ok=True)
+    if bad is None:
+        try:
+            read_json(path)
+            return True
+        except ValueError as e:
+            bad = str(e)
+    logger.warning("recomputing %s (%s)", path, bad)
+    return False
+
+
 def check_finite_task_vector(tv: TaskVector, path: Any) -> None:
     """DivergenceError when ``tv`` holds NaN or inf (a diverged run or a damaged file), naming ``path``."""
     bad = [n for n in tv.keys() if tv[n].is_floating_point() and not bool(torch.isfinite(tv[n]).all())]
@@ -271,12 +286,12 @@ def per_task_table(protocol: str, result: Mapping[str, Any]) -> tuple[list[str],
 
 def _single_task(ev: evaluation.Evaluate, tvs: Mapping[str, TaskVector], run: EvalRun) -> dict[str, Any]:
     """Single-task results, read from their run folder when single-task evaluation already ran."""
-    if run.results.exists():
+    if _trusted(run.results):
         return read_json(run.results)
     res = evaluation.single_task(ev, tvs)
     res["task_vector_density"] = {t: tv.density() for t, tv in tvs.items()}
     if dist.is_main():
-        atomic_write_json(run.results, res)
+        _save_artifact(run.results, lambda p: atomic_write_json(p, res))
     dist.barrier()
     return res
 
@@ -310,7 +325,7 @@ def run_protocol(
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     if protocol == "negation" and not control:
         raise ValueError("the negation protocol needs a control task")
-    if run.results.exists():
+    if _trusted(run.results):
         logger.info("skip: %s results exist (%s)", protocol, run.results)
         result = read_json(run.results)
     else:
@@ -332,7 +347,7 @@ def run_protocol(
             result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points,
                                               merge_method=merge, merge_kwargs=merge_kwargs)
         if dist.is_main():
-            atomic_write_json(run.results, result)
+            _save_artifact(run.results, lambda p: atomic_write_json(p, result))
         dist.barrier()
         tracker.summary({f"{protocol}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         tracker.table(f"{protocol}/per_task", *per_task_table(protocol, result))
@@ -376,7 +391,7 @@ def start_finetune(args: argparse.Namespace, argv: Sequence[str] | None, *, runs
     for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
         runs.task_vectors(args, [task], mode=req)
     hold_run_lock(run)  # a second process on this run exits here, naming the PID of the first
-    if run.task_vector.exists() or run.metrics.exists():
+    if dist.is_main() and (run.task_vector.exists() or run.metrics.exists()):
         logger.warning("recomputing %s: %s", run.dir, run_complete(run))
         for p in (run.metrics, run.task_vector, run.finetuned):
             forget_artifact(p)

@@ -126,6 +126,7 @@ def test_evaluation_refuses_a_non_finite_task_vector(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow  # (the fast mid-epoch test below also compares workers 2 with workers 0)
 def test_workers_do_not_change_results(data, tmp_path, reference):
     finetune.main(common(data, tmp_path / "runs", *TASK, "--num-workers", "2"))
     assert same(tv(tmp_path / "runs"), reference)
@@ -210,6 +211,7 @@ def test_truncated_task_vector_is_recomputed_not_skipped(data, tmp_path, referen
     assert not out.get("interrupted") and same(tv(save), reference)
 
 
+@pytest.mark.slow  # (tests/talos/test_reliability.py checks flipped bytes on the manifest itself)
 def test_flipped_byte_in_a_dense_vector_is_refused(data, tmp_path):
     save = tmp_path / "runs"
     args = ["--finetuning-mode", "standard", "--train-dataset", "SynthShapes", "--eval-datasets", "SynthShapes"]
@@ -223,15 +225,39 @@ def test_flipped_byte_in_a_dense_vector_is_refused(data, tmp_path):
     assert str(f) in str(e.value) and "content hash differs" in str(e.value) and "vision/finetune.py" in str(e.value)
 
 
-def test_corrupt_metrics_of_a_finished_run_names_the_file(data, tmp_path):
-    from talos.io import read_json
+def test_damaged_json_is_recomputed_or_named(data, tmp_path):
+    from talos.report import update_results
 
-    f = tmp_path / "metrics.json"
-    f.write_text('{"steps": ')
-    with pytest.raises(ArtifactError, match="metrics.json: not valid JSON"):
-        read_json(f)
+    save, results = tmp_path / "runs", tmp_path / "results.json"
+    args = ["--finetuning-mode", "standard", "--train-dataset", "SynthShapes", "--eval-datasets", "SynthShapes"]
+    first = finetune.main(common(data, save, *args))
+    metrics = run_dir(save, "standard") / "metrics.json"
+    metrics.write_text('{"steps": ')  # a finished run with damaged metrics: fine-tuning runs again
+    assert finetune.main(common(data, save, *args))["task_vector_norm"] == first["task_vector_norm"]
+    res = eval_single_task.main(common(data, save, *args))
+    (ev,) = list((save / "vision" / "talos-tiny-vit" / "eval" / "single_task").iterdir())
+    (ev / "results.json").write_text("{")  # damaged evaluation results: recomputed, not a crash
+    assert eval_single_task.main(common(data, save, *args)) == res
+    results.write_text('{"single_task": ')  # the shared results file cannot be rebuilt here: named
+    with pytest.raises(ArtifactError, match="results.json: not valid JSON.*--results-json"):
+        update_results(results, "merges", "sum", 1)
 
 
+def test_finetune_on_a_locked_run_exits_naming_the_pid(data, tmp_path):
+    from talos.io import RunLock
+    from vision.args import parse_args
+    from vision.common import RUNS
+
+    save = tmp_path / "runs"
+    run = RUNS.finetune(parse_args(common(data, save, *TASK), need_train_dataset=True), "SynthShapes")
+    lock = RunLock(run.dir)  # held through another open file: flock conflicts as with another process
+    with pytest.raises(RuntimeError, match=f"PID {os.getpid()}"):
+        finetune.main(common(data, save, *TASK))
+    lock.release()
+    assert not (run.dir / "config.json").exists()
+
+
+@pytest.mark.slow
 def test_second_finetune_on_a_locked_run_exits_naming_the_pid(data, tmp_path):
     from talos.io import RunLock
     from vision.args import parse_args
