@@ -329,10 +329,11 @@ def train(
             if step >= total:
                 break
             batch_n = _global_count(micro_batches, world, device)
-            seed_all(stream_seed(cfg.seed, "dropout", step, rank))  # dropout: its own stream per step
             loss_sum = 0.0
             for i, mb in enumerate(micro_batches):
                 batch = next(it)
+                # dropout: its own stream per (step, rank, micro-batch), seeded after loading (see talos.rng)
+                seed_all(stream_seed(cfg.seed, "dropout", step, rank, i))
                 last = i == len(micro_batches) - 1
                 sync = runner.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
                 with sync:
