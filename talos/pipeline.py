@@ -391,6 +391,10 @@ def start_finetune(args: argparse.Namespace, argv: Sequence[str] | None, *, runs
     for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
         runs.task_vectors(args, [task], mode=req)
     hold_run_lock(run)  # a second process on this run exits here, naming the PID of the first
+    if run_complete(run) is None:  # finished by another process between the check above and the lock
+        release_run_lock(run)
+        logger.info("skip: %s already has its task vector (%s)", task, run.dir)
+        return FinetuneJob(mode, run, Tracker(False), done=read_json(run.metrics))
     if dist.is_main() and (run.task_vector.exists() or run.metrics.exists()):
         logger.warning("recomputing %s: %s", run.dir, run_complete(run))
         for p in (run.metrics, run.task_vector, run.finetuned):
