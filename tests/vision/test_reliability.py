@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 def common(data, save, *extra):
     return ["--model", "talos-tiny-vit", "--pretrained", "none", "--data-location", str(data), "--save", str(save),
             "--eval-datasets", "SynthShapes,SynthColors", "--control-dataset", "SynthControl", "--batch-size", "16",
-            "--lr", "1e-3", "--warmup-length", "2", "--epochs", "2", "--calibration-batch-size", "8",
+            "--lr", "1e-3", "--warmup-length", "2", "--epochs", "1", "--calibration-batch-size", "8",
             "--eval-batch-size", "64", "--num-workers", "0", "--device", "cpu", "--no-progress",
             "--n-eval-points", "3", *extra]
 
