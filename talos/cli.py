@@ -238,7 +238,7 @@ class RunPaths:
 # ----------------------------------------------------------------------------------------------------------
 #: count flag -> smallest allowed value (flags a domain does not declare are skipped).
 COUNT_MINIMUM = {
-    "checkpoint_every": 1, "num_workers": 0, "seed": 0, "fisher_draws": 1, "calibration_rounds": 1,
+    "checkpoint_every": 1, "num_workers": 0, "fisher_draws": 1, "calibration_rounds": 1,
     "lora_rank": 1, "eval_batch_size": 1, "batch_size": 1, "num_grad_accumulation": 1, "num_steps": 1,
     "warmup_length": 0, "n_eval_points": 2, "eval_cache_mb": 0, "max_seq_len": 4,
 }

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
     (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
     (["--lora-alpha", "inf"], "--lora-alpha must be a finite number"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 1, got -5"),
     (["--ties-k", "5"], "--ties-k 5"),
     (["--dare-p", "1.5"], "--dare-p 1.5"),
     (["--tall-masks-lam", "-1"], "tall-masks"),
