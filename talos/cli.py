@@ -20,10 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "csv_list", "add_method_flags", "add_task_flags", "add_step_flags", "add_evaluation_flags", "add_run_flags",
-    "validate_common", "resolve_device", "method_hparams", "parse_validated", "RunPaths",
+    "validate_common", "resolve_device", "describe_device", "nvidia_gpu_present", "method_hparams", "parse_validated", "RunPaths",
     "check_finite_floats", "check_counts", "check_save_folder", "check_merge_flags", "check_pretrained_file",
-    "pretrained_key",
-    "finetune_command",
+    "pretrained_key", "finetune_command",
 ]
 
 
@@ -136,6 +135,8 @@ def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
         raise ValueError("--control-threshold must be in (0, 1]")
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError("--stop-after must be >= 1")
+    if need_train_dataset and not mode.trains:
+        raise ValueError(f"--finetuning-mode {mode.name} is not trained by this script: {mode.describe()}")
     if need_train_dataset and not args.train_dataset:
         raise ValueError("--train-dataset is required")
     if not args.eval_datasets:
@@ -146,14 +147,54 @@ def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
     return mode
 
 
-def resolve_device(args: argparse.Namespace) -> None:
-    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere)."""
-    if args.device is None:
-        import torch
+def nvidia_gpu_present() -> bool:
+    """True when the machine shows an NVIDIA GPU to the OS (driver device nodes), whether or not torch's CUDA
+    loads: a run there that finds no CUDA is broken, not a CPU machine."""
+    import glob
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere).
+
+    Never falls back silently: ``--device cuda`` without a working CUDA is an error, and so is the default on
+    a machine that has an NVIDIA GPU whose CUDA fails to load (pass ``--device cpu`` to mean the CPU).
+    """
+    import torch
+
+    if args.device is None:
+        if torch.cuda.is_available():
+            args.device = "cuda"
+        elif nvidia_gpu_present():
+            raise ValueError("this machine has an NVIDIA GPU but torch cannot use CUDA (torch "
+                             f"{torch.__version__}, built for CUDA {torch.version.cuda}); fix the CUDA install, or "
+                             "pass --device cpu to run on the CPU on purpose")
+        else:
+            args.device = "cpu"
+    dev = str(args.device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {dev} but CUDA is not available to torch {torch.__version__} (built for "
+                             f"CUDA {torch.version.cuda}); pass --device cpu to run on the CPU")
+        idx = torch.device(dev).index
+        if idx is not None and idx >= torch.cuda.device_count():
+            raise ValueError(f"--device {dev} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps but MPS is not available")
+    elif dev != "cpu" and not dev.startswith(("cuda", "mps")):
+        raise ValueError(f"unknown --device {dev!r}; use cpu, cuda, cuda:N or mps")
     if args.precision is None:
-        args.precision = "bf16" if str(args.device).startswith("cuda") else "fp32"
+        args.precision = "bf16" if dev.startswith("cuda") else "fp32"
+
+
+def describe_device(args: argparse.Namespace) -> str:
+    """One line naming the device (with the GPU's name) and the precision, printed first by every script."""
+    import torch
+
+    dev = str(args.device)
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else dev
+    return f"device: {dev} ({name}), precision: {args.precision}"
 
 
 def method_hparams(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,10 +225,11 @@ def parse_validated(parser: argparse.ArgumentParser, validate: Callable[..., arg
         check_save_folder(args)
         check_merge_flags(args)
         args._cli_argv = list(sys.argv[1:] if argv is None else argv)  # for complete commands in error messages
-        return args
     except ValueError as e:
         parser.error(str(e))
         raise  # unreachable
+    print(describe_device(args), flush=True)
+    return args
 
 
 class RunPaths:
@@ -204,10 +246,11 @@ class RunPaths:
 
     def finetune(self, args: argparse.Namespace, task: str) -> "FinetuneRun":
         """Where the fine-tuning run of ``task`` under ``args`` lives."""
+        from .modes import get_mode
         from .paths import FinetuneRun
 
-        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task,
-                           dict(self.finetune_hparams(args, task)))
+        hparams = get_mode(args.finetuning_mode).run_hparams(self.finetune_hparams(args, task), args)
+        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task, hparams)
 
     def evaluation(self, args: argparse.Namespace, protocol: str,
                    extra: Mapping[str, Any] | None = None) -> "EvalRun":
@@ -345,9 +388,12 @@ def load_checked_task_vectors(domain: str, args: argparse.Namespace, margs: argp
     Every missing or untrusted run is listed in one error, each with the complete command that (re)builds it.
     """
     from .io import MANIFEST
+    from .modes import FinetuneMode, get_mode
     from .pipeline import check_finite_task_vector
     from .task_vector import TaskVector
 
+    m = get_mode(mode)
+    own_hint = type(m).missing_hint is not FinetuneMode.missing_hint  # e.g. imported: the import command
     problems = []
     for t, run in runs.items():
         if not run.task_vector.exists():
@@ -356,7 +402,8 @@ def load_checked_task_vectors(domain: str, args: argparse.Namespace, margs: argp
             why = f"not trusted ({bad})"  # damaged, or the run has not finished
         else:
             continue  # complete, or written before manifests existed (then only its content is checked)
-        problems.append(f"  {t} ({mode}): {run.task_vector} is {why}; run:\n    {finetune_command(domain, margs, t, mode)}")
+        hint = m.missing_hint(domain, margs, t) if own_hint else f"run:\n    {finetune_command(domain, margs, t, mode)}"
+        problems.append(f"  {t} ({mode}): {run.task_vector} is {why}; {hint}")
     if problems:
         raise FileNotFoundError(f"{len(problems)} fine-tuning run(s) needed first:\n" + "\n".join(problems))
     out = {}

@@ -254,14 +254,14 @@ def export_results(path: str, protocol: str, mode: str, result: Mapping[str, Any
         row = {k: result[k] for k in ("absolute", "normalized", "coef")}
         if merge == "sum":
             update_results(path, "addition", mode, row)
-        if mode == "standard":
-            update_results(path, "merges", merge, row)
+        if mode == "standard" or mode.startswith("imported:"):  # the dense baselines of the merges
+            update_results(path, "merges", merge if mode == "standard" else f"{merge} ({mode})", row)
     elif protocol == "negation":
         row = {k: result[k] for k in ("target", "control", "coef")}
         if merge == "sum":
             update_results(path, "negation", mode, row)
-        if mode == "standard":
-            update_results(path, "negation_merges", merge, row)
+        if mode == "standard" or mode.startswith("imported:"):
+            update_results(path, "negation_merges", merge if mode == "standard" else f"{merge} ({mode})", row)
     else:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
 
@@ -445,7 +445,8 @@ def evaluate_from_args(protocol: str, args: argparse.Namespace, argv: Sequence[s
             extra.update(merge=args.merge, merge_kwargs=merge_kwargs_from_args(args, args.merge))
     return run_protocol(
         protocol, run=runs.evaluation(args, protocol, extra), single_task_run=runs.evaluation(args, "single_task"),
-        mode=args.finetuning_mode, load_task_vectors=lambda: runs.task_vectors(args, tasks),
+        mode=get_mode(args.finetuning_mode).results_label(args),
+        load_task_vectors=lambda: runs.task_vectors(args, tasks),
         make_evaluator=make_evaluator, control=args.control_dataset, merge=args.merge,
         merge_kwargs=extra.get("merge_kwargs"), n_points=args.n_eval_points, threshold=args.control_threshold,
         seed=args.seed, config={"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)},

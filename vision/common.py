@@ -35,8 +35,8 @@ class VisionSetup:
         self.args = args
         self.device = torch.device(args.device)
         clip, self.train_preprocess, self.val_preprocess, self.tokenizer = load_clip(
-            args.model, args.pretrained, args.openclip_cachedir, device="cpu"
-        )
+            args.model, args.pretrained, args.openclip_cachedir, device="cpu",
+            activation=args.activation)
         self._clip = clip
         self._heads: dict[str, Tensor] = {}
         self._eval_cache: dict[tuple[str, str], torch.utils.data.TensorDataset] = {}
@@ -116,7 +116,7 @@ class VisionSetup:
 def head_hparams(args: argparse.Namespace, classnames: Any, templates: Any) -> dict[str, Any]:
     """The zero-shot head cache key: the weights as the run hash names them (a file by content), the class
     prompts, and the seed when the weights are a random initialisation (``--pretrained none``)."""
-    h = {"pretrained": pretrained_key(args), "classes": head_key(classnames, templates)}
+    h = {"pretrained": pretrained_key(args), "activation": args.activation, "classes": head_key(classnames, templates)}
     if args.pretrained in (None, "", "none"):
         h["seed"] = args.seed
     return h

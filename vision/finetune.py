@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     ctx = mode_context(args, job.tracker, runs=RUNS, model=model,
                        eligible=setup.eligible, dense=setup.dense, forward_fn=logits_forward,
-                       calibration_batches=calib_batches, lora_targets=lora_targets)
+                       calibration_batches=calib_batches, lora_targets=lora_targets,
+                       zero_score_entries=args.zero_score_entries)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulation=args.num_grad_accumulation,
                       lr=args.lr, weight_decay=args.wd, warmup=args.warmup_length,
                       grad_clip=args.grad_clip if args.grad_clip > 0 else None, precision=args.precision,
