@@ -8,6 +8,10 @@ or data loads.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
@@ -17,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = [
     "csv_list", "add_method_flags", "add_task_flags", "add_step_flags", "add_evaluation_flags", "add_run_flags",
     "validate_common", "resolve_device", "describe_device", "nvidia_gpu_present", "method_hparams", "parse_validated", "RunPaths",
+    "check_finite_floats", "check_counts", "check_save_folder", "check_merge_flags", "check_pretrained_file",
+    "pretrained_key", "finetune_command",
 ]
 
 
@@ -213,7 +219,12 @@ def parse_validated(parser: argparse.ArgumentParser, validate: Callable[..., arg
     """Parse, then ``validate(args, **kwargs)``; argparse-style exit (code 2) with the message on a bad value."""
     args = parser.parse_args(argv)
     try:
-        args = validate(args, **kwargs)
+        args = validate(args, **kwargs)  # the domain's own messages first (they read no weights)
+        check_finite_floats(parser, args)
+        check_counts(args)
+        check_save_folder(args)
+        check_merge_flags(args)
+        args._cli_argv = list(sys.argv[1:] if argv is None else argv)  # for complete commands in error messages
     except ValueError as e:
         parser.error(str(e))
         raise  # unreachable
@@ -256,17 +267,158 @@ class RunPaths:
         """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode
         evaluates, e.g. ``standard`` for ``posthoc``); a missing one names the command that produces it."""
         from .modes import get_mode
-        from .task_vector import TaskVector
 
         if mode is None:
             m = get_mode(args.finetuning_mode)
             mode = m.source_mode or m.name
         margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
-        out = {}
-        for t in tasks:
-            run = self.finetune(margs, t)
-            if not run.task_vector.exists():
-                raise FileNotFoundError(f"no task vector for {t} ({mode}) at {run.task_vector}; "
-                                        + get_mode(mode).missing_hint(self.domain, margs, t))
-            out[t] = TaskVector.load(run.task_vector)
-        return out
+        return load_checked_task_vectors(self.domain, args, margs, {t: self.finetune(margs, t) for t in tasks}, mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability checks (issue 18): run by parse_validated before the domain's validate, so before any folder
+# is created or any model loads.
+# ----------------------------------------------------------------------------------------------------------
+#: count flag -> smallest allowed value (flags a domain does not declare are skipped).
+COUNT_MINIMUM = {
+    "checkpoint_every": 1, "num_workers": 0, "fisher_draws": 1, "calibration_rounds": 1,
+    "lora_rank": 1, "eval_batch_size": 1, "batch_size": 1, "num_grad_accumulation": 1, "num_steps": 1,
+    "warmup_length": 0, "n_eval_points": 2, "eval_cache_mb": 0, "max_seq_len": 4,
+}
+
+
+def check_finite_floats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """ValueError for any ``type=float`` flag given NaN or +-inf (``<= 0`` checks let NaN through)."""
+    for action in parser._actions:
+        if action.type is float:
+            v = getattr(args, action.dest, None)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{action.option_strings[0]} must be a finite number, got {v}")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """ValueError for a count flag below its minimum (``--checkpoint-every 0``, ``--num-workers -1`` ...)."""
+    for dest, low in COUNT_MINIMUM.items():
+        v = getattr(args, dest, None)
+        if v is not None and v < low:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {low}, got {v}")
+
+
+def check_save_folder(args: argparse.Namespace) -> None:
+    """ValueError when ``--save`` (or a parent of it) exists and is not a folder."""
+    p = Path(args.save)
+    for q in [p, *p.parents]:
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"--save {args.save}: {q} exists and is not a folder")
+            break
+
+
+def check_merge_flags(args: argparse.Namespace) -> None:
+    """Run every merge method once on tiny vectors with its flags' values, so an out-of-range merge
+    hyperparameter (``--ties-k 5``, ``--dare-p 1.5``) fails now, not after the model loads."""
+    import torch
+
+    from .merges import MERGE_HPARAMS, merge
+    from .task_vector import TaskVector
+
+    tasks = list(getattr(args, "eval_datasets", None) or ["a", "b"])
+    g = torch.Generator().manual_seed(0)
+    make = lambda names: {t: TaskVector({"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)})  # noqa: E731
+                          for t in names}
+    for method, hps in MERGE_HPARAMS.items():
+        kw = {hp: getattr(args, f"merge_{method}_{hp}") for hp in hps if hasattr(args, f"merge_{method}_{hp}")}
+        if not kw:
+            continue
+        # the chosen merge sees the real number of tasks; the others only have their ranges checked
+        names = tasks if method == getattr(args, "merge", None) else [f"t{i}" for i in range(max(2, len(tasks)))]
+        try:
+            merge(method, make(names), **kw)
+        except ValueError as e:
+            flags = ", ".join(f"--{method.replace('_', '-')}-{hp} {v}" for hp, v in kw.items())
+            raise ValueError(f"merge {method} ({flags}): {e}") from None
+
+
+def check_pretrained_file(value: str | None, flag: str = "--pretrained") -> str | None:
+    """For a ``value`` that names a file (has a path separator or a weights suffix), its content hash
+    (``sha256:<hex>``, see :func:`talos.io.file_sha256`); None for a tag. ValueError when the file is missing."""
+    if not value or value == "none":
+        return None
+    looks_like_path = os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if not (looks_like_path or os.path.exists(value)):
+        return None
+    if not os.path.isfile(value):
+        raise ValueError(f"{flag} {value}: no such file (give an existing checkpoint file or a pretrained tag)")
+    from .io import file_sha256
+
+    return "sha256:" + file_sha256(value)
+
+
+def pretrained_key(args: argparse.Namespace) -> str | None:
+    """What the run hash records for ``--pretrained``: the file's content hash for a path (replacing the file
+    gives a new run), else the tag itself (hashes of runs from tags are unchanged)."""
+    return getattr(args, "pretrained_id", None) or args.pretrained
+
+
+def finetune_command(domain: str, args: argparse.Namespace, task: str, mode: str) -> str:
+    """The complete ``finetune.py`` command producing the run of ``task`` under ``mode`` with ``args``' flags:
+    the script's own command line with the task and mode replaced (every script shares one parser)."""
+    import shlex
+
+    argv = list(getattr(args, "_cli_argv", []))
+    out: list[str] = []
+    skip = {"--train-dataset", "--finetuning-mode", "--eval-datasets", "--control-dataset", "--results-json",
+            "--merge", "--stop-after"}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in skip:
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return shlex.join(["python", f"{domain}/finetune.py", "--train-dataset", task, "--finetuning-mode", mode, *out])
+
+
+def load_checked_task_vectors(domain: str, args: argparse.Namespace, margs: argparse.Namespace,
+                              runs: Mapping[str, "FinetuneRun"], mode: str) -> dict[str, "TaskVector"]:
+    """Load each run's task vector after checking it against the run's manifest and for NaN/inf.
+
+    Every missing or untrusted run is listed in one error, each with the complete command that (re)builds it.
+    """
+    from .io import MANIFEST
+    from .modes import FinetuneMode, get_mode
+    from .pipeline import check_finite_task_vector
+    from .task_vector import TaskVector
+
+    m = get_mode(mode)
+    own_hint = type(m).missing_hint is not FinetuneMode.missing_hint  # e.g. imported: the import command
+    problems = []
+    for t, run in runs.items():
+        if not run.task_vector.exists():
+            why = "missing"
+        elif (run.dir / MANIFEST).exists() and (bad := _first_problem(run.task_vector, run.metrics)) is not None:
+            why = f"not trusted ({bad})"  # damaged, or the run has not finished
+        else:
+            continue  # complete, or written before manifests existed (then only its content is checked)
+        hint = m.missing_hint(domain, margs, t) if own_hint else f"run:\n    {finetune_command(domain, margs, t, mode)}"
+        problems.append(f"  {t} ({mode}): {run.task_vector} is {why}; {hint}")
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} fine-tuning run(s) needed first:\n" + "\n".join(problems))
+    out = {}
+    for t, run in runs.items():
+        tv = TaskVector.load(run.task_vector)
+        check_finite_task_vector(tv, run.task_vector)
+        out[t] = tv
+    return out
+
+
+def _first_problem(*paths: Path) -> str | None:
+    """``"<name>: <why>"`` for the first of ``paths`` that does not match its manifest, else None."""
+    from .io import check_artifact
+
+    for p in paths:
+        if (bad := check_artifact(p)) is not None:
+            return f"{p.name}: {bad}"
+    return None

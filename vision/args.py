@@ -108,6 +108,7 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
     mode = cli.validate_common(args, need_train_dataset=need_train_dataset,
                                check_task=lambda name: DATASETS.get(base_name(name)))
     check_model_name(args.model)
+    args.pretrained_id = cli.check_pretrained_file(args.pretrained)  # a file: its content hash (run hash)
     args.activation = resolve_activation(args.model, args.pretrained, args.activation,
                                          args.allow_activation_mismatch)
     args.zero_score_entries = text_ln_final_entries(args.model) if args.count_text_ln_final else 0
@@ -152,7 +153,7 @@ def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
 
     epochs = args.epochs if args.epochs is not None else EPOCHS.get(base_name(task))
     return {
-        "model": args.model, "pretrained": args.pretrained, "activation": args.activation,
+        "model": args.model, "pretrained": cli.pretrained_key(args), "activation": args.activation,
         "precision": args.precision, "mode": args.finetuning_mode, "task": task,
         "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd, "warmup": args.warmup_length,
         "epochs": epochs, "seed": args.seed, "grad_clip": args.grad_clip,

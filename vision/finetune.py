@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python vision/<script>.py`: import from the re
 import torch
 
 from talos import distributed as dist
+from talos.rng import EpochLoader, SeededDataset
 from talos.pipeline import finetune_with_mode, mode_context, start_finetune
 from talos.train import TrainConfig
 
@@ -42,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = setup.use_task(task)
 
     def calib_batches():
-        ds = setup.dataset(task, "val", train_transform=True)  # <Task>Val, training preprocessing
-        return setup.loader(ds, args.calibration_batch_size)
+        # <Task>Val with the training preprocessing; augmentations from calibration's own stream (per round
+        # and example), so a loaded mask or another --num-workers leaves every later draw unchanged
+        ds = SeededDataset(setup.dataset(task, "val", train_transform=True), args.seed, "calibration")
+        return EpochLoader(lambda d: setup.loader(d, args.calibration_batch_size), ds)
 
     ctx = mode_context(args, job.tracker, runs=RUNS, model=model,
                        eligible=setup.eligible, dense=setup.dense, forward_fn=logits_forward,

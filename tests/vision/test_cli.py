@@ -243,9 +243,9 @@ def test_distributed_finetune_and_eval_write_one_copy(data, tmp_path):
     mp.start_processes(_vision_worker, args=(2, port, str(data), str(save), str(results)), nprocs=2, join=True,
                        start_method="spawn")
     d = run_dir(save, "talos", "SynthShapes")
-    assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["calibration.json", "config.json", "finetuned.safetensors", "mask.safetensors", "metrics.json",
-         "task_vector.safetensors"])
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(  # (.lock: the run lock)
+        ["calibration.json", "config.json", "finetuned.safetensors", "manifest.json", "mask.safetensors",
+         "metrics.json", "task_vector.safetensors"])
     assert json.loads((d / "config.json").read_text())["world_size"] == 2
     sharded = json.loads(results.read_text())["single_task"]
     # the same task vector evaluated by one process gives the same accuracies as two sharded ranks
