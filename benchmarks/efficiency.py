@@ -342,7 +342,7 @@ def _nlp_bench(spec: NLPSpec, cfg: Config):
         train_batch=_t5_batch(spec.batch, spec.prompt_len, 1, spec.answer_len, V, g, dev),
         calib_batches=[_t5_batch(spec.calib_batch, spec.prompt_len, spec.choices, spec.answer_len, V, g, dev)
                        for _ in range(spec.calib_batches)],
-        lora_targets=getattr(nm, "lora_targets", _t5_lora_targets), fisher_target="log_prob",
+        lora_targets=getattr(nm, "lora_targets", _t5_lora_targets), fisher_target="logit",
         lr=spec.lr, wd=spec.wd, n_calib=spec.calib_batch * spec.calib_batches,
     )
 

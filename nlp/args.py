@@ -39,9 +39,9 @@ def build_parser(description: str = "TaLoS NLP (T5 / causal LM) task arithmetic"
     g.add_argument("--attn-implementation", default="sdpa", choices=list(ATTN_IMPLEMENTATIONS),
                    help="transformers attention kernel (both accept the packed choice masks)")
     cli.add_method_flags(
-        p, fisher_target="log_prob",
-        fisher_target_help="differentiate the log-likelihood of the drawn answer choice (official nlp code) or "
-                           "its summed log-likelihood itself (logit)",
+        p, fisher_target="logit",
+        fisher_target_help="differentiate the drawn answer choice's summed token log-likelihood itself (logit: "
+                           "the official nlp code) or its log-softmax over the answer choices (log_prob)",
         draws_help="answer choices drawn per calibration example",
         calibration_batches_help="calibration batches per round (default: the whole validation split)",
         calibration_batch_size=32, calibration_batch_size_help=None,
@@ -130,5 +130,6 @@ def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "model": args.model, "tokenizer": args.tokenizer, "mode": args.finetuning_mode, "task": task,
         "batch_size": args.batch_size, "accumulation": args.num_grad_accumulation, "lr": args.lr, "wd": args.wd,
         "steps": args.num_steps, "seed": args.seed, "grad_clip": args.grad_clip, "max_seq_len": args.max_seq_len,
+        "precision": args.precision,
         **cli.method_hparams(args),
     }

@@ -3,9 +3,9 @@
 Tasks (CLI names) and where their rows come from, tried in order:
 
 * local files ``<--data-location>/<task>/<hf split>.{jsonl,json,parquet,csv}`` (offline copies, synthetic tasks);
-* the Hugging Face hub through ``datasets.load_dataset``, script-free repos only: the parquet repo itself,
-  then the hub's automatic parquet export (branch ``refs/convert/parquet``, files
-  ``<config>/<split>/*.parquet``) for repos that still ship a loading script (super_glue).
+* the Hugging Face hub through ``datasets.load_dataset``, script-free repos only: the repo's main revision
+  first, then the hub's automatic parquet export (branch ``refs/convert/parquet``, files
+  ``<config>/<split>/*.parquet``) for when the main revision cannot be loaded (e.g. an old loading script).
 
 ============  ======================================  ====================================================
 task          hub source (config)                     our splits (train / val / test)
@@ -136,10 +136,11 @@ register_task(TaskSpec(
 register_task(TaskSpec("winogrande", "winogrande", lambda r: int(r["answer"]) - 1, "val32",
                        _both("allenai/winogrande", "winogrande_xl")))
 register_task(TaskSpec("wsc", "wsc", lambda r: int(r["label"]), "val32",
-                       (HubSource("aps/super_glue", "wsc.fixed", parquet_export=True),
-                        HubSource("aps/super_glue", "wsc.fixed")), int_fields=("span1_index", "span2_index", "idx", "label")))
+                       (HubSource("aps/super_glue", "wsc.fixed"),
+                        HubSource("aps/super_glue", "wsc.fixed", parquet_export=True)),
+                       int_fields=("span1_index", "span2_index", "idx", "label")))
 register_task(TaskSpec("rte", "rte", lambda r: int(r["label"]), "val32",
-                       (HubSource("aps/super_glue", "rte", parquet_export=True), HubSource("aps/super_glue", "rte")),
+                       (HubSource("aps/super_glue", "rte"), HubSource("aps/super_glue", "rte", parquet_export=True)),
                        int_fields=("idx", "label")))
 
 
@@ -193,15 +194,30 @@ def storycloze_files(directory: str | os.PathLike, split: str) -> list[Path]:
     return [Path(directory) / n for n in _STORYCLOZE_FILES[split]]
 
 
+#: Sharded parquet copies of StoryCloze (a hub repo's ``data/<split>-*.parquet`` or a parquet export's
+#: ``<config>/<split>/*.parquet``) under --storycloze-dir, tried after the single files above.
+_STORYCLOZE_SHARDS = ("{split}-*.parquet", "data/{split}-*.parquet", "*/{split}/*.parquet")
+
+
+def storycloze_shards(directory: str | os.PathLike, split: str) -> list[Path]:
+    """The parquet shards of ``split`` in a hub-style copy under ``directory`` (first pattern that matches)."""
+    for pattern in _STORYCLOZE_SHARDS:
+        shards = sorted(Path(directory).glob(pattern.format(split=split)))
+        if shards:
+            return shards
+    return []
+
+
 def _read_storycloze(directory: str | os.PathLike | None, split: str) -> list[dict[str, Any]]:
     spec = TASKS.get("story_cloze")
     if not directory:
         raise TaskDataError(f"task story_cloze needs --storycloze-dir (or STORYCLOZE_DIR). {spec.fetch}")
-    for path in storycloze_files(directory, split):
-        if path.is_file():
-            rows = _read_local(path)
-            return [{_STORYCLOZE_COLUMNS.get(k, k): v for k, v in r.items()} for r in rows]
-    tried = ", ".join(p.name for p in storycloze_files(directory, split))
+    files = [p for p in storycloze_files(directory, split) if p.is_file()][:1] or storycloze_shards(directory, split)
+    if files:
+        rows = [r for path in files for r in _read_local(path)]
+        return [{_STORYCLOZE_COLUMNS.get(k, k): v for k, v in r.items()} for r in rows]
+    tried = ", ".join([p.name for p in storycloze_files(directory, split)]
+                      + [pat.format(split=split) for pat in _STORYCLOZE_SHARDS])
     raise TaskDataError(f"task story_cloze: no {split} file in --storycloze-dir {directory} (looked for: {tried}). "
                         f"{spec.fetch}")
 

@@ -228,8 +228,8 @@ def token_log_likelihoods(model: nn.Module, batch: dict[str, Any]) -> Tensor:
 
 def choice_log_likelihoods(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Rank-classification scores [B, C]: the summed token log-likelihood of each choice (-inf where an
-    example has fewer choices than the batch). This is the ``forward_fn`` of Fisher scoring (log_prob target:
-    choices drawn with probability ∝ exp(score))."""
+    example has fewer choices than the batch). This is the ``forward_fn`` of Fisher scoring (choices drawn
+    with probability ∝ exp(score); the official ``logit`` target differentiates the drawn choice's score)."""
     scores = token_log_likelihoods(model, batch).sum(-1)
     return scores.masked_fill(~batch["choice_mask"].to(scores.device), float("-inf"))
 

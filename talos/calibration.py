@@ -187,6 +187,7 @@ def calibrate_masks(
     progress: bool = True,
     callback: RoundCallback | None = None,
     chunk_elements: int | None = None,
+    zero_score_entries: int = 0,
 ) -> dict[str, Tensor]:
     """Calibrate TaLoS masks: ``{name: BoolTensor}`` (on CPU), True = trainable (low sensitivity).
 
@@ -202,6 +203,9 @@ def calibrate_masks(
         max_batches: score at most this many batches per round (default: all).
         progress: show a progress bar per round.
         callback: ``callback(round, density, masks)`` after each round (e.g. for wandb logging).
+        zero_score_entries: entries outside ``params`` that the global ranking also counts, with score 0 (so
+            always kept): round r keeps ⌊d_r·(N + Z)⌋ − Z of the N eligible entries. The official vision code
+            scores the text tower's leftover ``ln_final`` this way (its gradient is 0).
     """
     densities = round_densities(sparsity, rounds)
     soft_mask = float(soft_mask)
@@ -220,8 +224,10 @@ def calibrate_masks(
 
     # Label draws are seeded per batch (from one draw of `generator` per round), and batch scores are summed
     # in float64: masks are then identical whether one process or several ranks (torchrun) score the data.
+    if zero_score_entries < 0:
+        raise ValueError(f"zero_score_entries must be >= 0, got {zero_score_entries}")
     for r, d_r in enumerate(densities, start=1):
-        k = kept_count(d_r, total)
+        k = max(0, kept_count(d_r, total + zero_score_entries) - zero_score_entries)
         base = int(torch.randint(0, 2**62, (1,), generator=generator))
         seed_of = lambda b, base=base: torch.Generator().manual_seed(base + b)  # noqa: E731
         data = batches if max_batches is None else itertools.islice(batches, max_batches)

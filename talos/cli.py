@@ -8,6 +8,10 @@ or data loads.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
@@ -16,7 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "csv_list", "add_method_flags", "add_task_flags", "add_step_flags", "add_evaluation_flags", "add_run_flags",
-    "validate_common", "resolve_device", "method_hparams", "parse_validated", "RunPaths",
+    "validate_common", "resolve_device", "describe_device", "nvidia_gpu_present", "method_hparams", "parse_validated", "RunPaths",
+    "check_finite_floats", "check_counts", "check_save_folder", "check_merge_flags", "check_pretrained_file",
+    "pretrained_key", "finetune_command",
 ]
 
 
@@ -129,6 +135,8 @@ def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
         raise ValueError("--control-threshold must be in (0, 1]")
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError("--stop-after must be >= 1")
+    if need_train_dataset and not mode.trains:
+        raise ValueError(f"--finetuning-mode {mode.name} is not trained by this script: {mode.describe()}")
     if need_train_dataset and not args.train_dataset:
         raise ValueError("--train-dataset is required")
     if not args.eval_datasets:
@@ -139,14 +147,54 @@ def validate_common(args: argparse.Namespace, *, need_train_dataset: bool,
     return mode
 
 
-def resolve_device(args: argparse.Namespace) -> None:
-    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere)."""
-    if args.device is None:
-        import torch
+def nvidia_gpu_present() -> bool:
+    """True when the machine shows an NVIDIA GPU to the OS (driver device nodes), whether or not torch's CUDA
+    loads: a run there that finds no CUDA is broken, not a CPU machine."""
+    import glob
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Fill ``--device`` (cuda if available) and ``--precision`` (bf16 autocast on CUDA, fp32 elsewhere).
+
+    Never falls back silently: ``--device cuda`` without a working CUDA is an error, and so is the default on
+    a machine that has an NVIDIA GPU whose CUDA fails to load (pass ``--device cpu`` to mean the CPU).
+    """
+    import torch
+
+    if args.device is None:
+        if torch.cuda.is_available():
+            args.device = "cuda"
+        elif nvidia_gpu_present():
+            raise ValueError("this machine has an NVIDIA GPU but torch cannot use CUDA (torch "
+                             f"{torch.__version__}, built for CUDA {torch.version.cuda}); fix the CUDA install, or "
+                             "pass --device cpu to run on the CPU on purpose")
+        else:
+            args.device = "cpu"
+    dev = str(args.device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {dev} but CUDA is not available to torch {torch.__version__} (built for "
+                             f"CUDA {torch.version.cuda}); pass --device cpu to run on the CPU")
+        idx = torch.device(dev).index
+        if idx is not None and idx >= torch.cuda.device_count():
+            raise ValueError(f"--device {dev} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps but MPS is not available")
+    elif dev != "cpu" and not dev.startswith(("cuda", "mps")):
+        raise ValueError(f"unknown --device {dev!r}; use cpu, cuda, cuda:N or mps")
     if args.precision is None:
-        args.precision = "bf16" if str(args.device).startswith("cuda") else "fp32"
+        args.precision = "bf16" if dev.startswith("cuda") else "fp32"
+
+
+def describe_device(args: argparse.Namespace) -> str:
+    """One line naming the device (with the GPU's name) and the precision, printed first by every script."""
+    import torch
+
+    dev = str(args.device)
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else dev
+    return f"device: {dev} ({name}), precision: {args.precision}"
 
 
 def method_hparams(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,10 +219,17 @@ def parse_validated(parser: argparse.ArgumentParser, validate: Callable[..., arg
     """Parse, then ``validate(args, **kwargs)``; argparse-style exit (code 2) with the message on a bad value."""
     args = parser.parse_args(argv)
     try:
-        return validate(args, **kwargs)
+        args = validate(args, **kwargs)  # the domain's own messages first (they read no weights)
+        check_finite_floats(parser, args)
+        check_counts(args)
+        check_save_folder(args)
+        check_merge_flags(args)
+        args._cli_argv = list(sys.argv[1:] if argv is None else argv)  # for complete commands in error messages
     except ValueError as e:
         parser.error(str(e))
         raise  # unreachable
+    print(describe_device(args), flush=True)
+    return args
 
 
 class RunPaths:
@@ -191,10 +246,11 @@ class RunPaths:
 
     def finetune(self, args: argparse.Namespace, task: str) -> "FinetuneRun":
         """Where the fine-tuning run of ``task`` under ``args`` lives."""
+        from .modes import get_mode
         from .paths import FinetuneRun
 
-        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task,
-                           dict(self.finetune_hparams(args, task)))
+        hparams = get_mode(args.finetuning_mode).run_hparams(self.finetune_hparams(args, task), args)
+        return FinetuneRun(args.save, self.domain, args.model, args.finetuning_mode, task, hparams)
 
     def evaluation(self, args: argparse.Namespace, protocol: str,
                    extra: Mapping[str, Any] | None = None) -> "EvalRun":
@@ -211,20 +267,158 @@ class RunPaths:
         """The task vectors of ``tasks`` for ``mode`` (default: the mode whose vectors ``args``' mode
         evaluates, e.g. ``standard`` for ``posthoc``); a missing one names the command that produces it."""
         from .modes import get_mode
-        from .task_vector import TaskVector
 
         if mode is None:
             m = get_mode(args.finetuning_mode)
             mode = m.source_mode or m.name
         margs = argparse.Namespace(**{**vars(args), "finetuning_mode": mode})
-        out = {}
-        for t in tasks:
-            run = self.finetune(margs, t)
-            if not run.task_vector.exists():
-                raise FileNotFoundError(
-                    f"no task vector for {t} ({mode}) at {run.task_vector}; run: python {self.domain}/finetune.py "
-                    f"--train-dataset {t} --finetuning-mode {mode} --model {args.model} --save {args.save} "
-                    "(with the same hyperparameters)"
-                )
-            out[t] = TaskVector.load(run.task_vector)
-        return out
+        return load_checked_task_vectors(self.domain, args, margs, {t: self.finetune(margs, t) for t in tasks}, mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability checks (issue 18): run by parse_validated before the domain's validate, so before any folder
+# is created or any model loads.
+# ----------------------------------------------------------------------------------------------------------
+#: count flag -> smallest allowed value (flags a domain does not declare are skipped).
+COUNT_MINIMUM = {
+    "checkpoint_every": 1, "num_workers": 0, "fisher_draws": 1, "calibration_rounds": 1,
+    "lora_rank": 1, "eval_batch_size": 1, "batch_size": 1, "num_grad_accumulation": 1, "num_steps": 1,
+    "warmup_length": 0, "n_eval_points": 2, "eval_cache_mb": 0, "max_seq_len": 4,
+}
+
+
+def check_finite_floats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """ValueError for any ``type=float`` flag given NaN or +-inf (``<= 0`` checks let NaN through)."""
+    for action in parser._actions:
+        if action.type is float:
+            v = getattr(args, action.dest, None)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{action.option_strings[0]} must be a finite number, got {v}")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """ValueError for a count flag below its minimum (``--checkpoint-every 0``, ``--num-workers -1`` ...)."""
+    for dest, low in COUNT_MINIMUM.items():
+        v = getattr(args, dest, None)
+        if v is not None and v < low:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {low}, got {v}")
+
+
+def check_save_folder(args: argparse.Namespace) -> None:
+    """ValueError when ``--save`` (or a parent of it) exists and is not a folder."""
+    p = Path(args.save)
+    for q in [p, *p.parents]:
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"--save {args.save}: {q} exists and is not a folder")
+            break
+
+
+def check_merge_flags(args: argparse.Namespace) -> None:
+    """Run every merge method once on tiny vectors with its flags' values, so an out-of-range merge
+    hyperparameter (``--ties-k 5``, ``--dare-p 1.5``) fails now, not after the model loads."""
+    import torch
+
+    from .merges import MERGE_HPARAMS, merge
+    from .task_vector import TaskVector
+
+    tasks = list(getattr(args, "eval_datasets", None) or ["a", "b"])
+    g = torch.Generator().manual_seed(0)
+    make = lambda names: {t: TaskVector({"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)})  # noqa: E731
+                          for t in names}
+    for method, hps in MERGE_HPARAMS.items():
+        kw = {hp: getattr(args, f"merge_{method}_{hp}") for hp in hps if hasattr(args, f"merge_{method}_{hp}")}
+        if not kw:
+            continue
+        # the chosen merge sees the real number of tasks; the others only have their ranges checked
+        names = tasks if method == getattr(args, "merge", None) else [f"t{i}" for i in range(max(2, len(tasks)))]
+        try:
+            merge(method, make(names), **kw)
+        except ValueError as e:
+            flags = ", ".join(f"--{method.replace('_', '-')}-{hp} {v}" for hp, v in kw.items())
+            raise ValueError(f"merge {method} ({flags}): {e}") from None
+
+
+def check_pretrained_file(value: str | None, flag: str = "--pretrained") -> str | None:
+    """For a ``value`` that names a file (has a path separator or a weights suffix), its content hash
+    (``sha256:<hex>``, see :func:`talos.io.file_sha256`); None for a tag. ValueError when the file is missing."""
+    if not value or value == "none":
+        return None
+    looks_like_path = os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if not (looks_like_path or os.path.exists(value)):
+        return None
+    if not os.path.isfile(value):
+        raise ValueError(f"{flag} {value}: no such file (give an existing checkpoint file or a pretrained tag)")
+    from .io import file_sha256
+
+    return "sha256:" + file_sha256(value)
+
+
+def pretrained_key(args: argparse.Namespace) -> str | None:
+    """What the run hash records for ``--pretrained``: the file's content hash for a path (replacing the file
+    gives a new run), else the tag itself (hashes of runs from tags are unchanged)."""
+    return getattr(args, "pretrained_id", None) or args.pretrained
+
+
+def finetune_command(domain: str, args: argparse.Namespace, task: str, mode: str) -> str:
+    """The complete ``finetune.py`` command producing the run of ``task`` under ``mode`` with ``args``' flags:
+    the script's own command line with the task and mode replaced (every script shares one parser)."""
+    import shlex
+
+    argv = list(getattr(args, "_cli_argv", []))
+    out: list[str] = []
+    skip = {"--train-dataset", "--finetuning-mode", "--eval-datasets", "--control-dataset", "--results-json",
+            "--merge", "--stop-after"}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in skip:
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return shlex.join(["python", f"{domain}/finetune.py", "--train-dataset", task, "--finetuning-mode", mode, *out])
+
+
+def load_checked_task_vectors(domain: str, args: argparse.Namespace, margs: argparse.Namespace,
+                              runs: Mapping[str, "FinetuneRun"], mode: str) -> dict[str, "TaskVector"]:
+    """Load each run's task vector after checking it against the run's manifest and for NaN/inf.
+
+    Every missing or untrusted run is listed in one error, each with the complete command that (re)builds it.
+    """
+    from .io import MANIFEST
+    from .modes import FinetuneMode, get_mode
+    from .pipeline import check_finite_task_vector
+    from .task_vector import TaskVector
+
+    m = get_mode(mode)
+    own_hint = type(m).missing_hint is not FinetuneMode.missing_hint  # e.g. imported: the import command
+    problems = []
+    for t, run in runs.items():
+        if not run.task_vector.exists():
+            why = "missing"
+        elif (run.dir / MANIFEST).exists() and (bad := _first_problem(run.task_vector, run.metrics)) is not None:
+            why = f"not trusted ({bad})"  # damaged, or the run has not finished
+        else:
+            continue  # complete, or written before manifests existed (then only its content is checked)
+        hint = m.missing_hint(domain, margs, t) if own_hint else f"run:\n    {finetune_command(domain, margs, t, mode)}"
+        problems.append(f"  {t} ({mode}): {run.task_vector} is {why}; {hint}")
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} fine-tuning run(s) needed first:\n" + "\n".join(problems))
+    out = {}
+    for t, run in runs.items():
+        tv = TaskVector.load(run.task_vector)
+        check_finite_task_vector(tv, run.task_vector)
+        out[t] = tv
+    return out
+
+
+def _first_problem(*paths: Path) -> str | None:
+    """``"<name>: <why>"`` for the first of ``paths`` that does not match its manifest, else None."""
+    from .io import check_artifact
+
+    for p in paths:
+        if (bad := check_artifact(p)) is not None:
+            return f"{p.name}: {bad}"
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
-from .merges import merge, negation_edits
+from .merges import merge, negation_edits, normalizer_edits
 from .protocols import (
     choose_addition_coef,
     choose_negation_coef,
@@ -52,10 +52,17 @@ def task_addition(
 ) -> dict[str, Any]:
     """θ0 + α · merge(τ_1..τ_T): α chosen on the val splits by mean normalised accuracy, reported on test.
 
-    ``finetuned_acc[split][task]`` is the same method's single-task accuracy (normaliser).
+    ``finetuned_acc[split][task]`` is the same method's single-task accuracy (normaliser). With
+    ``merge_kwargs["variant"] == "official"`` a merge other than ``sum`` is normalised instead by its own
+    single-task edits at coefficient 1 (:func:`talos.merges.normalizer_edits`), as the official scripts do.
     """
     tasks = list(task_vectors)
-    merged = merge(merge_method, {t: task_vectors[t] for t in tasks}, **dict(merge_kwargs or {}))
+    vectors = {t: task_vectors[t] for t in tasks}
+    kw = dict(merge_kwargs or {})
+    norm = normalizer_edits(merge_method, vectors, **kw)
+    if norm is not None:
+        finetuned_acc = {s: {t: evaluate(norm[t], t, s) for t in tasks} for s in ("val", "test")}
+    merged = merge(merge_method, vectors, **kw)
     # one merged vector for all tasks, or (TALL-masks) one edit per task, evaluated on that task
     edit_for = (lambda t: merged[t]) if isinstance(merged, dict) else (lambda t: merged)
     curve: dict[float, dict[str, float]] = {}
@@ -69,6 +76,9 @@ def task_addition(
     result["coef"] = coef
     result["val_curve"] = {str(a): v for a, v in curve.items()}
     result["val_normalized_at_coef"] = normalized_accuracy(curve[coef], finetuned_acc["val"])
+    result["normalizer"] = "finetuned" if norm is None else "merge_single_task"
+    if norm is not None:
+        result["normalizer_accuracy"] = {s: dict(finetuned_acc[s]) for s in ("val", "test")}
     return result
 
 

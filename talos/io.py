@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -21,7 +23,28 @@ __all__ = [
     "load_tensors_with_metadata",
     "atomic_torch_save",
     "torch_load",
+    "ArtifactError",
+    "file_sha256",
+    "record_artifact",
+    "check_artifact",
+    "forget_artifact",
+    "RunLock",
+    "locked_dir",
+    "remove_stale_temps",
 ]
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be trusted or read; the message names the file and what to do."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, fix: str | None = None) -> None:
+        self.path, self.problem = Path(path), problem
+        fix = fix or "delete it and rerun the command that wrote it (it will be rebuilt)"
+        super().__init__(f"{self.path}: {problem}; {fix}")
+
+
+class UnsafeFileError(ArtifactError, pickle.UnpicklingError):
+    """A torch file holding pickled objects (refused: only tensors and plain containers are loaded)."""
 
 def _read_umask() -> int:
     # mkstemp creates files with mode 0600; without fixing that, every result file
@@ -109,10 +132,14 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file written by :func:`atomic_write_json` (or any JSON file)."""
+    """Read a JSON file written by :func:`atomic_write_json` (or any JSON file); :class:`ArtifactError`
+    naming the file when it is not valid JSON."""
     p = _require_file(path)
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(p, f"not valid JSON ({e})") from None
 
 
 def _prepare_for_safetensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,10 +188,15 @@ def load_tensors_with_metadata(
     """Load a safetensors file; returns ``(tensors, metadata)`` (metadata is ``{}`` if absent)."""
     p = _require_file(path)
     tensors: dict[str, torch.Tensor] = {}
-    with safetensors.safe_open(str(p), framework="pt", device=str(device)) as f:
-        metadata = dict(f.metadata() or {})
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
+    try:
+        with safetensors.safe_open(str(p), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ArtifactError(p, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
     return tensors, metadata
 
 
@@ -189,4 +221,166 @@ def torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     ``pickle.UnpicklingError``.
     """
     p = _require_file(path)
-    return torch.load(p, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file, without torch's weights_only advice
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            raise UnsafeFileError(p, "holds pickled objects other than tensors and plain containers, which are "
+                                  "never unpickled", "delete it and rerun the command that wrote it") from None
+        raise ArtifactError(p, f"cannot be read as a checkpoint: it is truncated or corrupt ({type(e).__name__})") \
+            from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Content hashes and manifests: every artifact of a run folder is listed with its size and sha256 in
+# ``manifest.json``, and a stage trusts an existing artifact only when it matches.
+# ----------------------------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 22
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_cache_file() -> Path:
+    root = os.environ.get("TALOS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "talos")
+    return Path(root) / "file_hashes.json"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes, computed once and cached (``$TALOS_CACHE_DIR/file_hashes.json``,
+    default ``~/.cache/talos``) keyed by real path + size + mtime, so multi-GB weights are read once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache is only a cache: recompute
+    if key in cache:
+        return cache[key]
+    digest = _sha256_of(p)
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}
+    cache[key] = digest
+    with contextlib.suppress(OSError):  # a read-only home must not stop a run
+        atomic_write_json(cache_file, cache)
+    return digest
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    m = directory / MANIFEST
+    if not m.is_file():
+        return {}
+    try:
+        return dict(json.loads(m.read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}  # an unreadable manifest trusts nothing: every stage recomputes
+
+
+def record_artifact(path: str | os.PathLike[str]) -> None:
+    """Add (or refresh) ``path``'s size and sha256 in the ``manifest.json`` of its folder."""
+    p = Path(path)
+    entry = {"size": p.stat().st_size, "sha256": _sha256_of(p)}
+    with locked_dir(p.parent):  # shared folders (heads/) take updates from several processes
+        files = _read_manifest(p.parent)
+        files[p.name] = entry
+        atomic_write_json(p.parent / MANIFEST, {"files": files})
+
+
+def forget_artifact(path: str | os.PathLike[str]) -> None:
+    """Drop ``path`` from its folder's manifest (before deleting or rewriting it)."""
+    p = Path(path)
+    if not (p.parent / MANIFEST).is_file():
+        return
+    with locked_dir(p.parent):
+        files = _read_manifest(p.parent)
+        if p.name in files:
+            del files[p.name]
+            atomic_write_json(p.parent / MANIFEST, {"files": files})
+
+
+def check_artifact(path: str | os.PathLike[str], *, legacy_ok: bool = False) -> str | None:
+    """None when ``path`` matches its manifest entry, else why not (missing, unlisted, size, hash).
+
+    ``legacy_ok``: a folder without any manifest (written before manifests existed, or by hand) passes."""
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    files = _read_manifest(p.parent)
+    entry = files.get(p.name)
+    if entry is None:
+        if legacy_ok and not (p.parent / MANIFEST).exists():
+            return None
+        return f"not listed in {p.parent / MANIFEST}"
+    size = p.stat().st_size
+    if size != entry.get("size"):
+        return f"size {size} bytes, manifest says {entry.get('size')} (truncated or replaced)"
+    if _sha256_of(p) != entry.get("sha256"):
+        return "content hash differs from the manifest (corrupted or replaced)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Locks: one writer per run folder, locked read-modify-write for shared files.
+# ----------------------------------------------------------------------------------------------------------
+def remove_stale_temps(directory: str | os.PathLike[str], name: str | None = None) -> int:
+    """Delete temp files a killed writer left in ``directory`` (all, or those of target file ``name``); call
+    only while holding the lock that every writer of those files takes. Returns how many were removed."""
+    n = 0
+    for t in Path(directory).glob(f".{name}.*.tmp" if name else ".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            t.unlink()
+            n += 1
+    return n
+
+
+class RunLock:
+    """Exclusive ``flock`` on ``<dir>/.lock`` holding the owner's PID; released on :meth:`release` or when the
+    process dies (the kernel drops it), so a killed run never leaves a stale lock."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, wait: bool = False) -> None:
+        import fcntl
+
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / ".lock"
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            pid = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise RuntimeError(f"{self.dir} is in use by another process (PID {pid}); wait for it to finish "
+                               "or stop it, then rerun") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        remove_stale_temps(self.dir)
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def locked_dir(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Block until this process holds an exclusive ``flock`` on ``directory`` itself (no file is created);
+    for read-modify-write of shared files such as ``results.json``."""
+    import fcntl
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

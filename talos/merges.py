@@ -1,6 +1,10 @@
 """Merge methods that combine several task vectors into one (``--merge``); one registry entry per method.
 
-Registered methods (hyperparameters and defaults in :data:`MERGE_HPARAMS`):
+Two variants of every method: ``variant="paper"`` (this module, the library default) follows the method papers'
+definitions below; ``variant="official"`` (:mod:`talos.official_merges`, the scripts' default
+``--merge-variant``) reproduces the official TaLoS scripts that produced the paper's baseline rows, which
+differ in ways that change the numbers (that module lists them). Registered methods (paper hyperparameters
+and defaults in :data:`MERGE_HPARAMS`, official ones from :func:`hparams_of`):
 
 * ``sum``          task arithmetic, Σ_t τ_t.
 * ``ties``         TIES-Merging (Yadav et al., 2023): global top-k trim, sign election, disjoint mean.
@@ -23,14 +27,12 @@ Work is done one parameter tensor at a time; only TIES's global threshold looks 
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 import warnings
-import zlib
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from .merge_common import as_dtype, compute_dtype, count, fraction, integer, real, task_generator, tasks_of
 from .registry import Registry
 from .task_vector import TaskVector
 
@@ -58,68 +60,11 @@ MERGES: Registry[MergeFn] = Registry("merge method")
 PER_TASK = {"tall_masks"}
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def _tasks(vectors: Mapping[str, TaskVector]) -> tuple[list[str], list[TaskVector], list[str]]:
-    """Task names, their vectors and the shared key order; ValueError on empty or mismatched input."""
-    names = list(vectors)
-    if not names:
-        raise ValueError("no task vectors to merge")
-    vs = [vectors[n] for n in names]
-    for n, v in zip(names, vs):
-        if not isinstance(v, TaskVector):
-            raise TypeError(f"task {n!r}: expected a TaskVector, got {type(v).__name__}")
-    ref_name, ref = names[0], vs[0]
-    keys = list(ref.keys())
-    for n, v in zip(names[1:], vs[1:]):
-        if set(v.keys()) != set(keys):
-            diff = sorted(set(v.keys()) ^ set(keys))
-            raise ValueError(f"task {n!r} and task {ref_name!r} have different keys (e.g. {diff[:4]})")
-        bad = [k for k in keys if v[k].shape != ref[k].shape]
-        if bad:
-            raise ValueError(f"task {n!r} and task {ref_name!r} differ in shape for {bad[:4]}")
-    return names, vs, keys
-
-
-def _compute_dtype(vs: list[TaskVector]) -> torch.dtype:
-    """float64 if any input tensor is float64, else float32 (16-bit inputs are widened)."""
-    return torch.float64 if any(t.dtype == torch.float64 for v in vs for t in v.vector.values()) else torch.float32
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` detached in ``dtype``. May alias the input: callers never write into the result."""
-    return t.detach().to(dtype)
-
-
-def _count(frac: float, n: int) -> int:
-    """``floor(frac * n)`` clamped to [0, n]; rounding first so that e.g. 0.7 + 0.1 of 10 gives 8, not 7."""
-    return max(0, min(n, math.floor(round(frac * n, 6))))
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _fraction(name: str, value: Any) -> float:
-    """A kept fraction, in (0, 1]."""
-    v = _real(name, value)
-    if not 0.0 < v <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return v
-
-
 # ---------------------------------------------------------------------------------------------- sum
 @MERGES.register("sum")
 def merge_sum(vectors: Mapping[str, TaskVector]) -> TaskVector:
     """Task arithmetic: the plain sum of the task vectors."""
-    _, vs, _ = _tasks(vectors)
+    _, vs, _ = tasks_of(vectors)
     return sum(vs[1:], vs[0])
 
 
@@ -138,9 +83,9 @@ def _global_topk_threshold(v: TaskVector, keys: list[str], k: float, dtype: torc
     pos = 0
     for key in keys:
         t = v[key]
-        mags[pos : pos + t.numel()] = _as(t, dtype).reshape(-1).abs().to(mags.device)
+        mags[pos : pos + t.numel()] = as_dtype(t, dtype).reshape(-1).abs().to(mags.device)
         pos += t.numel()
-    n_keep = max(1, _count(k, n))
+    n_keep = max(1, count(k, n))
     # kthvalue is 1-based from the smallest: the n_keep-th largest is the (n - n_keep + 1)-th smallest.
     return float(torch.kthvalue(mags, n - n_keep + 1).values)
 
@@ -150,22 +95,23 @@ def merge_ties(vectors: Mapping[str, TaskVector], *, k: float = 0.1) -> TaskVect
     """TIES-Merging: trim, elect sign, disjoint mean.
 
     1. Trim: per task, keep the entries whose magnitude is at least that of the ⌊k·N⌋-th largest over the
-       WHOLE flattened task vector (N entries, all tensors together), as in the official TIES code
+       WHOLE flattened task vector (N entries, all tensors together), as the TIES authors' code does
        (``topk_values_mask`` over the flattened vector); entries tied at the threshold are all kept.
     2. Elect: per entry, γ = sign(Σ_t trimmed_t) (sign of the total mass).
     3. Disjoint mean: per entry, the mean of the trimmed values that are nonzero and have sign γ;
        0 where no task agrees. An exact tie (Σ = 0) elects sign 0, so the entry is 0, as in the paper's
-       Algorithm 1; the official code's extra rule (replace 0 by the vector-wide majority sign) is not used.
+       Algorithm 1; the official TaLoS scripts' rule (0 becomes the vector-wide majority sign, +) is
+       ``variant="official"``.
     """
-    k = _fraction("k", k)
-    _, vs, keys = _tasks(vectors)
-    dtype = _compute_dtype(vs)
+    k = fraction("k", k)
+    _, vs, keys = tasks_of(vectors)
+    dtype = compute_dtype(vs)
     thresholds = [_global_topk_threshold(v, keys, k, dtype) for v in vs]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for key in keys:
             trimmed = torch.stack(
-                [torch.where(_as(v[key], dtype).abs() >= th, _as(v[key], dtype), 0.0) for v, th in zip(vs, thresholds)]
+                [torch.where(as_dtype(v[key], dtype).abs() >= th, as_dtype(v[key], dtype), 0.0) for v, th in zip(vs, thresholds)]
             )  # (T, *shape)
             elected = torch.sign(trimmed.sum(0))  # (*shape), in {-1, 0, 1}
             agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (T, *shape)
@@ -176,12 +122,6 @@ def merge_ties(vectors: Mapping[str, TaskVector], *, k: float = 0.1) -> TaskVect
 
 
 # ---------------------------------------------------------------------------------------------- DARE
-def _task_generator(seed: int, task: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, task name), so a task's drop mask does not depend on the order
-    or on which other tasks are merged (crc32: stable across processes, unlike ``hash``)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(task.encode())) % 2**64)
-
-
 @MERGES.register("dare")
 def merge_dare(vectors: Mapping[str, TaskVector], *, p: float = 0.9, seed: int = 0) -> TaskVector:
     """DARE: per task, drop each entry with probability ``p``, rescale survivors by 1/(1−p), then sum.
@@ -190,20 +130,20 @@ def merge_dare(vectors: Mapping[str, TaskVector], *, p: float = 0.9, seed: int =
     name, over tensors in key order. Uniforms are drawn on the CPU and moved to the tensor's device, so
     the masks are the same on every device. ``p = 0`` reproduces ``sum`` exactly.
     """
-    p = _real("p", p)
+    p = real("p", p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p!r}")
-    seed = _integer("seed", seed)
-    names, vs, keys = _tasks(vectors)
-    dtype = _compute_dtype(vs)
-    gens = [_task_generator(seed, n) for n in names]
+    seed = integer("seed", seed)
+    names, vs, keys = tasks_of(vectors)
+    dtype = compute_dtype(vs)
+    gens = [task_generator(seed, n) for n in names]
     scale = 1.0 / (1.0 - p)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for key in keys:
             acc: torch.Tensor | None = None
             for v, g in zip(vs, gens):
-                t = _as(v[key], dtype)
+                t = as_dtype(v[key], dtype)
                 u = torch.rand(t.shape, generator=g, dtype=dtype).to(t.device)  # U[0, 1); keep w.p. 1 − p
                 kept = torch.where(u >= p, t * scale, 0.0)
                 acc = kept if acc is None else acc + kept
@@ -222,7 +162,7 @@ def _breadcrumbs_mask(t: torch.Tensor, beta: float, gamma: float) -> torch.Tenso
         return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
     rows = t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)  # (R, C)
     c = rows.shape[1]
-    lo, hi = _count(beta, c), _count(min(1.0, beta + gamma), c)
+    lo, hi = count(beta, c), count(min(1.0, beta + gamma), c)
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=t.device)
     if hi > lo:
         order = torch.argsort(rows.abs(), dim=1, descending=True, stable=True)  # (R, C) column ids
@@ -237,24 +177,25 @@ def merge_breadcrumbs(
     """Model Breadcrumbs: per task and per row, zero the top-``beta`` fraction by magnitude (outliers)
     and everything below the next ``gamma`` fraction; sum the masked task vectors.
 
-    Counts per row of C entries are ⌊β·C⌋ dropped and ⌊(β+γ)·C⌋ − ⌊β·C⌋ kept (floors, as in the
-    official code), so very short rows (C < 1/γ) keep nothing. ``beta`` in [0, 1) (0: no outlier
-    removal), ``gamma`` in (0, 1], ``beta + gamma <= 1``.
+    Rows are along dim 0 (output channels); counts per row of C entries are ⌊β·C⌋ dropped and
+    ⌊(β+γ)·C⌋ − ⌊β·C⌋ kept, so very short rows (C < 1/γ) keep nothing. (The official TaLoS scripts differ:
+    rows along the last dimension, ⌊γ·C⌋ kept, attn/mlp/conv keys only in vision: ``variant="official"``.)
+    ``beta`` in [0, 1) (0: no outlier removal), ``gamma`` in (0, 1], ``beta + gamma <= 1``.
     """
-    beta = _real("beta", beta)
+    beta = real("beta", beta)
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    gamma = _fraction("gamma", gamma)
+    gamma = fraction("gamma", gamma)
     if beta + gamma > 1.0 + 1e-9:
         raise ValueError(f"beta + gamma must be <= 1, got {beta} + {gamma}")
-    _, vs, keys = _tasks(vectors)
-    dtype = _compute_dtype(vs)
+    _, vs, keys = tasks_of(vectors)
+    dtype = compute_dtype(vs)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for key in keys:
             acc: torch.Tensor | None = None
             for v in vs:
-                t = _as(v[key], dtype)
+                t = as_dtype(v[key], dtype)
                 kept = torch.where(_breadcrumbs_mask(t, beta, gamma), t, 0.0)
                 acc = kept if acc is None else acc + kept
             out[key] = acc
@@ -263,7 +204,7 @@ def merge_breadcrumbs(
 
 # ---------------------------------------------------------------------------------------------- TALL-masks
 def _check_lam(lam: Any) -> float:
-    lam = _real("lam", lam)
+    lam = real("lam", lam)
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
     return lam
@@ -273,7 +214,7 @@ def _tall(vs: list[TaskVector], keys: list[str], lam: float, dtype: torch.dtype
           ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
     """Per key: (key, τ_MTL, [m_t]) with τ_MTL = Σ_t τ_t and m_t = |τ_t| ≥ lam · |τ_MTL − τ_t| (bool)."""
     for key in keys:
-        ts = [_as(v[key], dtype) for v in vs]
+        ts = [as_dtype(v[key], dtype) for v in vs]
         mtl = ts[0].clone()
         for t in ts[1:]:
             mtl += t  # mtl is a fresh tensor, never an input
@@ -282,14 +223,15 @@ def _tall(vs: list[TaskVector], keys: list[str], lam: float, dtype: torch.dtype
 
 @MERGES.register("tall_masks")
 def merge_tall_masks(vectors: Mapping[str, TaskVector], *, lam: float = 0.2) -> dict[str, TaskVector]:
-    """TALL-masks: per task t, the edit m_t ⊙ τ_MTL with m_t = |τ_t| ≥ lam · |τ_MTL − τ_t|, τ_MTL = Σ τ_t.
+    """TALL-masks (the TALL-masks paper): per task t, the edit m_t ⊙ τ_MTL with m_t = |τ_t| ≥ lam · |τ_MTL − τ_t|,
+    τ_MTL = Σ τ_t. (The official TaLoS scripts use m_t ⊙ τ_t with a strict mask and no |·| on the right.)
 
     Returns task -> TaskVector; each task is evaluated with its own edit. The paper's λ defaults differ
     by domain (0.2 vision, 0.6 NLP); the domain passes its own ``lam``.
     """
     lam = _check_lam(lam)
-    names, vs, keys = _tasks(vectors)
-    dtype = _compute_dtype(vs)
+    names, vs, keys = tasks_of(vectors)
+    dtype = compute_dtype(vs)
     per_task: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     with torch.no_grad():
         for key, mtl, masks in _tall(vs, keys, lam, dtype):
@@ -304,15 +246,15 @@ def merge_consensus(vectors: Mapping[str, TaskVector], *, k: int = 2, lam: float
 
     ``k`` larger than the number of tasks selects nothing (a warning, and a zero vector).
     """
-    k = _integer("k", k)
+    k = integer("k", k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
     lam = _check_lam(lam)
-    names, vs, keys = _tasks(vectors)
+    names, vs, keys = tasks_of(vectors)
     if k > len(names):
         warnings.warn(f"consensus k={k} exceeds the number of tasks ({len(names)}): the merge is zero",
                       stacklevel=2)
-    dtype = _compute_dtype(vs)
+    dtype = compute_dtype(vs)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for key, mtl, masks in _tall(vs, keys, lam, dtype):
@@ -341,22 +283,51 @@ def _takes_any_kwargs(fn: MergeFn) -> bool:
 MERGE_HPARAMS: dict[str, dict[str, Any]] = {name: _hparams_of(MERGES.get(name)) for name in MERGES.names()}
 
 
-def merge(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> "TaskVector | dict[str, TaskVector]":
+VARIANTS = ("paper", "official")
+
+
+def _official_hparams() -> dict[str, dict[str, Any]]:
+    from .official_merges import OFFICIAL
+
+    return {name: _hparams_of(rules.addition) for name, rules in OFFICIAL.items()}
+
+
+def hparams_of(name: str, variant: str = "paper") -> dict[str, Any]:
+    """{hyperparameter: default} of merge ``name`` in ``variant`` (``sum`` has no official variant of its own)."""
+    _check_variant(variant)
+    if variant == "official" and name in _official_hparams():
+        return _official_hparams()[name]
+    return _hparams_of(MERGES.get(name))
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown merge variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+
+
+def merge(name: str, vectors: Mapping[str, TaskVector], variant: str = "paper",
+          **hparams: Any) -> "TaskVector | dict[str, TaskVector]":
     """Merge ``vectors`` with the registered method ``name``.
 
-    Unknown method names raise ValueError with the valid list; hyperparameters the method does not take
-    raise ValueError listing the accepted ones; out-of-range values raise ValueError from the method.
+    ``variant="paper"``: the method papers' definitions (this module); ``"official"``: the official TaLoS
+    scripts' rules (:mod:`talos.official_merges`), which produced the paper's baseline rows. Unknown method
+    names and variants raise ValueError with the valid list; hyperparameters the method does not take raise
+    ValueError listing the accepted ones; out-of-range values raise ValueError from the method.
     """
-    _check_hparams(name, hparams)
+    _check_hparams(name, hparams, variant)
+    if variant == "official" and name != "sum":
+        from .official_merges import OFFICIAL
+
+        return OFFICIAL[name].addition(vectors, **hparams)
     return MERGES.get(name)(vectors, **hparams)
 
 
-def _check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
+def _check_hparams(name: str, hparams: Mapping[str, Any], variant: str = "paper") -> None:
     """ValueError for an unknown method (with the valid list) or a hyperparameter it does not take."""
     fn = MERGES.get(name)
-    accepted = _hparams_of(fn)
+    accepted = hparams_of(name, variant)
     unknown = sorted(set(hparams) - set(accepted))
-    if unknown and not _takes_any_kwargs(fn):
+    if unknown and not (variant == "paper" and _takes_any_kwargs(fn)):
         listed = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "none"
         raise ValueError(
             f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for merge method {name!r}; "
@@ -367,10 +338,10 @@ def _check_hparams(name: str, hparams: Mapping[str, Any]) -> None:
 def _consensus_negation(vectors: Mapping[str, TaskVector], *, k: int = 2, lam: float = 0.2) -> dict[str, TaskVector]:
     """Per task, τ_t on the coordinates selected by at least ``k`` TALL masks of all tasks (else 0)."""
     selected = merge_consensus(vectors, k=k, lam=lam)
-    names, vs, keys = _tasks(vectors)
-    dtype = _compute_dtype(vs)
+    names, vs, keys = tasks_of(vectors)
+    dtype = compute_dtype(vs)
     with torch.no_grad():
-        return {n: TaskVector({key: torch.where(selected[key] != 0, _as(v[key], dtype), 0.0) for key in keys})
+        return {n: TaskVector({key: torch.where(selected[key] != 0, as_dtype(v[key], dtype), 0.0) for key in keys})
                 for n, v in zip(names, vs)}
 
 
@@ -378,12 +349,18 @@ def _consensus_negation(vectors: Mapping[str, TaskVector], *, k: int = 2, lam: f
 NEGATION_OVERRIDES: dict[str, Callable[..., dict[str, TaskVector]]] = {"consensus": _consensus_negation}
 
 
-def negation_edits(name: str, vectors: Mapping[str, TaskVector], **hparams: Any) -> dict[str, TaskVector]:
+def negation_edits(name: str, vectors: Mapping[str, TaskVector], variant: str = "paper",
+                   **hparams: Any) -> dict[str, TaskVector]:
     """Per task, the vector that task negation subtracts (θ0 − α · edit[t]) under merge method ``name``.
 
-    Validation (unknown method or hyperparameter, bad values) is that of :func:`merge`.
+    ``variant="official"``: the official negation scripts' edits (:mod:`talos.official_merges`). Validation
+    (unknown method, variant or hyperparameter, bad values) is that of :func:`merge`.
     """
-    _check_hparams(name, hparams)
+    _check_hparams(name, hparams, variant)
+    if variant == "official" and name != "sum":
+        from .official_merges import OFFICIAL
+
+        return OFFICIAL[name].negation(vectors, **hparams)
     if name in NEGATION_OVERRIDES:
         return NEGATION_OVERRIDES[name](vectors, **hparams)
     if name in PER_TASK:
@@ -391,11 +368,38 @@ def negation_edits(name: str, vectors: Mapping[str, TaskVector], **hparams: Any)
     return {t: merge(name, {t: v}, **hparams) for t, v in vectors.items()}  # type: ignore[misc]
 
 
+def normalizer_edits(name: str, vectors: Mapping[str, TaskVector], variant: str = "paper",
+                     **hparams: Any) -> dict[str, TaskVector] | None:
+    """Per task, the edit whose single-task accuracy normalises the addition row of merge ``name``.
+
+    None (``paper`` variant, or ``sum``): the mode's fine-tuned accuracy. ``official``: the merge's own
+    single-task edit at coefficient 1 (the official ``eval_*_single_task.py`` scripts, whose accuracies the
+    official addition scripts divide by), which equals its negation edit.
+    """
+    if variant != "official" or name == "sum":
+        _check_hparams(name, hparams, variant)
+        return None
+    return negation_edits(name, vectors, variant, **hparams)
+
+
+def _all_hparams() -> dict[str, dict[str, Any]]:
+    """method -> {hyperparameter: default} over both variants (the paper's default wins on a shared name)."""
+    out = {m: dict(hps) for m, hps in MERGE_HPARAMS.items()}
+    for m, hps in _official_hparams().items():
+        out[m] = {**hps, **out.get(m, {})}
+    return out
+
+
 def add_merge_flags(parser: Any, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Add one flag per merge hyperparameter (``--ties-k``, ``--dare-p``, ``--tall-masks-lam`` ...) to an
-    argparse parser; ``overrides`` holds a domain's own defaults (e.g. TALL-masks λ = 0.6 for nlp)."""
+    """Add ``--merge-variant`` and one flag per merge hyperparameter (``--ties-k``, ``--dare-p``,
+    ``--tall-masks-lam`` ...) to an argparse parser; ``overrides`` holds a domain's own defaults (e.g.
+    TALL-masks λ = 0.6 for nlp, the official scripts' key filters)."""
     g = parser.add_argument_group("merge hyperparameters (used by the chosen --merge only)")
-    for method, hps in MERGE_HPARAMS.items():
+    g.add_argument("--merge-variant", default="official", choices=list(VARIANTS),
+                   help="official: the rules of the official TaLoS scripts that produced the paper's baseline rows "
+                        "(talos/official_merges.py, normalised by each merge's own single-task accuracy); paper: "
+                        "the method papers' definitions (talos/merges.py)")
+    for method, hps in _all_hparams().items():
         for hp, default in hps.items():
             default = dict((overrides or {}).get(method, {})).get(hp, default)
             g.add_argument(f"--{method.replace('_', '-')}-{hp}", dest=f"merge_{method}_{hp}", type=type(default),
@@ -403,6 +407,9 @@ def add_merge_flags(parser: Any, overrides: Mapping[str, Mapping[str, Any]] | No
 
 
 def merge_kwargs_from_args(args: Any, method: str) -> dict[str, Any]:
-    """The hyperparameters of ``method`` taken from flags added by :func:`add_merge_flags`."""
+    """The keyword arguments of :func:`merge` for ``method`` from the flags of :func:`add_merge_flags`:
+    ``variant`` (except for ``sum``) and the hyperparameters that variant takes."""
     MERGES.get(method)  # unknown names raise with the valid list
-    return {hp: getattr(args, f"merge_{method}_{hp}") for hp in MERGE_HPARAMS[method]}
+    variant = args.merge_variant
+    kw = {hp: getattr(args, f"merge_{method}_{hp}") for hp in hparams_of(method, variant)}
+    return kw if method == "sum" else {"variant": variant, **kw}

@@ -174,7 +174,8 @@ class FinetuneRun:
         return self.dir / "calibration.json"
 
     def is_complete(self) -> bool:
-        """True once both the task vector and the metrics have been written."""
+        """True once both the task vector and the metrics files exist (existence only: the pipeline skips a run
+        when :func:`talos.pipeline.run_complete` also finds them matching ``manifest.json``)."""
         return self.task_vector.is_file() and self.metrics.is_file()
 
     def write_config(self, extra: Mapping[str, Any] | None = None) -> Path:

@@ -29,7 +29,8 @@ from . import distributed as dist
 from . import evaluation
 from .calibration import format_mask_report, mask_report
 from .cli import RunPaths
-from .io import atomic_write_json, load_tensors, read_json, save_tensors
+from .io import (RunLock, atomic_write_json, check_artifact, forget_artifact, load_tensors, read_json,
+                 record_artifact, save_tensors)
 from .merges import merge_kwargs_from_args
 from .modes import FinetuneMode, ModeContext, get_mode
 from .paths import EvalRun, FinetuneRun
@@ -37,7 +38,7 @@ from .report import update_results
 from .runinfo import run_metadata, seed_everything
 from .task_vector import TaskVector
 from .tracking import Tracker
-from .train import TrainConfig, train
+from .train import DivergenceError, TrainConfig, train
 
 if TYPE_CHECKING:
     from .analysis.drift import GradientDrift
@@ -76,16 +77,31 @@ def finetune_with_mode(
     ``gradient_drift`` (a :class:`talos.analysis.GradientDrift`) records Fig. 7's drift into the run folder.
     """
     tracker = tracker or Tracker(False)
+    hold_run_lock(run)  # reentrant: start_finetune usually took it already
+    try:
+        return _finetune_locked(run=run, mode=mode, ctx=ctx, train_set=train_set, loss_fn=loss_fn, cfg=cfg,
+                                device=device, collate_fn=collate_fn, tracker=tracker, progress=progress,
+                                stop_after=stop_after, gradient_drift=gradient_drift)
+    finally:
+        release_run_lock(run)
+
+
+def _finetune_locked(*, run: FinetuneRun, mode: FinetuneMode, ctx: ModeContext, train_set: Any, loss_fn: Any,
+                     cfg: TrainConfig, device: Any, collate_fn: Any, tracker: Tracker, progress: bool,
+                     stop_after: int | None, gradient_drift: GradientDrift | None = None) -> dict[str, Any]:
     masks = None
     if mode.sparse:
-        if run.mask.exists():
+        bad = check_artifact(run.mask) if run.mask.exists() else "missing"
+        if bad is None:
             masks = load_tensors(run.mask)
             logger.info("loaded mask from %s", run.mask)
         else:
+            if bad != "missing":
+                logger.warning("recomputing the mask: %s is not trusted (%s)", run.mask, bad)
             masks = mode.masks(ctx)  # identical on every rank (Fisher sums are all-reduced)
             if dist.is_main():
-                save_tensors(run.mask, masks)
-                atomic_write_json(run.calibration, {"per_tensor": mask_report(masks)})
+                _save_artifact(run.mask, lambda p: save_tensors(p, masks))
+                _save_artifact(run.calibration, lambda p: atomic_write_json(p, {"per_tensor": mask_report(masks)}))
                 logger.info("mask saved to %s\n%s", run.mask, format_mask_report(masks))
     named = dict(ctx.model.named_parameters())
     theta0 = {n: named[n].detach().cpu().clone() for n in list(ctx.eligible) + list(ctx.dense)}
@@ -99,6 +115,7 @@ def finetune_with_mode(
         if summary.get("interrupted"):
             return summary
         tv = state.task_vector()
+        check_finite_task_vector(tv, run.task_vector)  # never written: the run stays incomplete
     finally:
         state.cleanup()
     trainable = sum(p.numel() if state.masks is None or n not in state.masks else int(state.masks[n].sum())
@@ -106,19 +123,80 @@ def finetune_with_mode(
     metrics = {**summary, "task_vector_density": tv.density(), "task_vector_norm": tv.norm(),
                "trainable_entries": int(trainable)}
     if dist.is_main():  # only rank 0 writes artifacts
-        save_tensors(run.finetuned, tv.apply_to({n: theta0[n] for n in tv.keys()}))
-        tv.save(run.task_vector)
+        _save_artifact(run.finetuned, lambda p: save_tensors(p, tv.apply_to({n: theta0[n] for n in tv.keys()})))
+        _save_artifact(run.task_vector, tv.save)
         if gradient_drift is not None:
             from .analysis.drift import drift_path
 
-            atomic_write_json(drift_path(run.dir), gradient_drift.result())
-        atomic_write_json(run.metrics, metrics)  # written last: marks the run complete
+            _save_artifact(drift_path(run.dir), lambda p: atomic_write_json(p, gradient_drift.result()))
+        _save_artifact(run.metrics, lambda p: atomic_write_json(p, metrics))  # last: marks the run complete
+        forget_artifact(run.checkpoint)
         run.checkpoint.unlink(missing_ok=True)
         tracker.summary(metrics)
         logger.info("done: %s (%d steps, loss %.4f, task-vector density %.4f)", run.dir, summary["steps"],
                     summary["loss"], metrics["task_vector_density"])
     dist.barrier()
     return metrics
+
+
+def _save_artifact(path: Any, write: Callable[[Any], None]) -> None:
+    """Write an artifact (atomically, by ``write(path)``) and list its size and hash in the manifest; the
+    entry is dropped first so a kill between the two leaves the file untrusted, never trusted and stale."""
+    forget_artifact(path)
+    write(path)
+    record_artifact(path)
+
+
+def _trusted(path: Any) -> bool:
+    """An evaluation's results file exists and matches its manifest (folders without one: readable JSON)."""
+    if not path.exists():
+        return False
+    bad = check_artifact(path, legacy_ok=True)
+    if bad is None:
+        try:
+            read_json(path)
+            return True
+        except ValueError as e:
+            bad = str(e)
+    logger.warning("recomputing %s (%s)", path, bad)
+    return False
+
+
+def check_finite_task_vector(tv: TaskVector, path: Any) -> None:
+    """DivergenceError when ``tv`` holds NaN or inf (a diverged run or a damaged file), naming ``path``."""
+    bad = [n for n in tv.keys() if tv[n].is_floating_point() and not bool(torch.isfinite(tv[n]).all())]
+    if bad:
+        raise DivergenceError(f"task vector {path} has non-finite entries in {len(bad)} tensor(s) (e.g. {bad[0]}); "
+                              "the fine-tuning diverged or the file is damaged: rerun fine-tuning with a lower --lr")
+
+
+def run_complete(run: FinetuneRun) -> str | None:
+    """None when every final artifact of ``run`` matches its manifest, else the first problem found."""
+    for p in (run.metrics, run.task_vector, run.finetuned):
+        bad = check_artifact(p)
+        if bad is not None:
+            return f"{p.name}: {bad}"
+    return None
+
+
+_LOCKS: dict[str, Any] = {}
+
+
+def hold_run_lock(run: FinetuneRun) -> Any:
+    """This process's lock on ``run.dir`` (taken now unless already held); RuntimeError naming the PID that
+    holds it otherwise. Only the main rank locks (torchrun ranks share the folder)."""
+    key = str(run.dir)
+    if not dist.is_main() or key in _LOCKS:
+        return None
+    _LOCKS[key] = RunLock(run.dir)
+    return _LOCKS[key]
+
+
+def release_run_lock(run: FinetuneRun) -> None:
+    """Release the lock of ``run.dir`` taken by :func:`hold_run_lock` (no-op when not held)."""
+    held = _LOCKS.pop(str(run.dir), None)
+    if held is not None:
+        held.release()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,14 +265,14 @@ def export_results(path: str, protocol: str, mode: str, result: Mapping[str, Any
         row = {k: result[k] for k in ("absolute", "normalized", "coef")}
         if merge == "sum":
             update_results(path, "addition", mode, row)
-        if mode == "standard":
-            update_results(path, "merges", merge, row)
+        if mode == "standard" or mode.startswith("imported:"):  # the dense baselines of the merges
+            update_results(path, "merges", merge if mode == "standard" else f"{merge} ({mode})", row)
     elif protocol == "negation":
         row = {k: result[k] for k in ("target", "control", "coef")}
         if merge == "sum":
             update_results(path, "negation", mode, row)
-        if mode == "standard":
-            update_results(path, "negation_merges", merge, row)
+        if mode == "standard" or mode.startswith("imported:"):
+            update_results(path, "negation_merges", merge if mode == "standard" else f"{merge} ({mode})", row)
     else:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
 
@@ -219,12 +297,12 @@ def per_task_table(protocol: str, result: Mapping[str, Any]) -> tuple[list[str],
 
 def _single_task(ev: evaluation.Evaluate, tvs: Mapping[str, TaskVector], run: EvalRun) -> dict[str, Any]:
     """Single-task results, read from their run folder when single-task evaluation already ran."""
-    if run.results.exists():
+    if _trusted(run.results):
         return read_json(run.results)
     res = evaluation.single_task(ev, tvs)
     res["task_vector_density"] = {t: tv.density() for t, tv in tvs.items()}
     if dist.is_main():
-        atomic_write_json(run.results, res)
+        _save_artifact(run.results, lambda p: atomic_write_json(p, res))
     dist.barrier()
     return res
 
@@ -258,7 +336,7 @@ def run_protocol(
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
     if protocol == "negation" and not control:
         raise ValueError("the negation protocol needs a control task")
-    if run.results.exists():
+    if _trusted(run.results):
         logger.info("skip: %s results exist (%s)", protocol, run.results)
         result = read_json(run.results)
     else:
@@ -280,7 +358,7 @@ def run_protocol(
             result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points,
                                               merge_method=merge, merge_kwargs=merge_kwargs)
         if dist.is_main():
-            atomic_write_json(run.results, result)
+            _save_artifact(run.results, lambda p: atomic_write_json(p, result))
         dist.barrier()
         tracker.summary({f"{protocol}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         tracker.table(f"{protocol}/per_task", *per_task_table(protocol, result))
@@ -318,11 +396,21 @@ def start_finetune(args: argparse.Namespace, argv: Sequence[str] | None, *, runs
         mode = get_mode(mode.source_mode)
     task = args.train_dataset
     run = runs.finetune(args, task)
-    if run.is_complete():
+    if run_complete(run) is None:
         logger.info("skip: %s already has its task vector (%s)", task, run.dir)
         return FinetuneJob(mode, run, Tracker(False), done=read_json(run.metrics))
     for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
         runs.task_vectors(args, [task], mode=req)
+    hold_run_lock(run)  # a second process on this run exits here, naming the PID of the first
+    if run_complete(run) is None:  # finished by another process between the check above and the lock
+        release_run_lock(run)
+        logger.info("skip: %s already has its task vector (%s)", task, run.dir)
+        return FinetuneJob(mode, run, Tracker(False), done=read_json(run.metrics))
+    if dist.is_main() and (run.task_vector.exists() or run.metrics.exists()):
+        logger.warning("recomputing %s: %s", run.dir, run_complete(run))
+        for p in (run.metrics, run.task_vector, run.finetuned):
+            forget_artifact(p)
+            p.unlink(missing_ok=True)
     config = {"args": dict(vars(args)), "world_size": dist.world_size(),
               **run_metadata(list(argv) if argv is not None else None)}
     if dist.is_main():
@@ -368,7 +456,8 @@ def evaluate_from_args(protocol: str, args: argparse.Namespace, argv: Sequence[s
             extra.update(merge=args.merge, merge_kwargs=merge_kwargs_from_args(args, args.merge))
     return run_protocol(
         protocol, run=runs.evaluation(args, protocol, extra), single_task_run=runs.evaluation(args, "single_task"),
-        mode=args.finetuning_mode, load_task_vectors=lambda: runs.task_vectors(args, tasks),
+        mode=get_mode(args.finetuning_mode).results_label(args),
+        load_task_vectors=lambda: runs.task_vectors(args, tasks),
         make_evaluator=make_evaluator, control=args.control_dataset, merge=args.merge,
         merge_kwargs=extra.get("merge_kwargs"), n_points=args.n_eval_points, threshold=args.control_threshold,
         seed=args.seed, config={"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)},

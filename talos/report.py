@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .io import atomic_write_bytes, atomic_write_json, read_json
+from .io import ArtifactError, atomic_write_bytes, atomic_write_json, locked_dir, read_json, remove_stale_temps
 
 SECTIONS = ("single_task", "addition", "negation", "merges", "negation_merges", "task_vector_density")
 
@@ -27,11 +27,18 @@ def update_results(path: str | os.PathLike, section: str, key: str, value: Any) 
     if section not in SECTIONS:
         raise ValueError(f"unknown results section {section!r}; valid: {', '.join(SECTIONS)}")
     p = Path(path)
-    results = read_json(p) if p.exists() else {}
-    for s in SECTIONS:
-        results.setdefault(s, {})
-    results[section][key] = value
-    atomic_write_json(p, results)
+    with locked_dir(p.parent):  # concurrent scripts: no update is lost
+        remove_stale_temps(p.parent, p.name)  # a writer killed mid-write (we hold the lock: none is running)
+        try:
+            results = read_json(p) if p.exists() else {}
+        except ArtifactError as e:
+            raise ArtifactError(p, e.problem, "restore it, or delete it and rerun the evaluation "
+                                "scripts with --results-json: they re-add their rows from their own results "
+                                "folders without recomputing") from None
+        for s in SECTIONS:
+            results.setdefault(s, {})
+        results[section][key] = value
+        atomic_write_json(p, results)
     return results
 
 

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist
-from .io import atomic_torch_save, torch_load
+from .io import atomic_torch_save, check_artifact, forget_artifact, record_artifact, torch_load
 from .optim import MaskedAdamW, freeze_masked_out
+from .rng import SeededDataset, seed_all, stream_seed
 
 logger = logging.getLogger("talos")
 
@@ -250,9 +251,17 @@ def train(
         opt, lambda s: lr_factor(s, cfg.warmup, total, cfg.schedule)
     )
     step = 0
+    seconds_before = 0.0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.exists() and dist.is_main() and (bad := check_artifact(ckpt, legacy_ok=True)):
+        logger.warning("discarding checkpoint %s (%s): training restarts from step 0", ckpt, bad)
+        forget_artifact(ckpt)
+        ckpt.unlink()
+    dist.barrier()
     if ckpt is not None and ckpt.exists():
         state = torch_load(ckpt)
+        check_resume_config(ckpt, state.get("config", {}), cfg)
+        seconds_before = float(state.get("seconds", 0.0))
         named = dict(named_params)
         if set(state["params"]) != set(named):
             raise ValueError(f"checkpoint {ckpt} does not match the trainable parameters of this run")
@@ -284,7 +293,9 @@ def train(
                 "scheduler": sched.state_dict(),
                 "rng": rngs,
                 "config": asdict(cfg),
+                "seconds": seconds_before + time.time() - t0,
             })
+            record_artifact(ckpt)
         dist.barrier()
 
     runner = model
@@ -308,8 +319,10 @@ def train(
         if world > 1:  # this rank's contiguous share of each global batch, in micro-batches
             plan = [_rank_share(step_mbs, rank, world, cfg.accumulation) for step_mbs in plan]
         flat = [mb for s in plan for mb in s]
+        # augmentations drawn per (epoch, example): independent of workers, resume point, earlier stages
+        seeded = SeededDataset(dataset, cfg.seed, "train-augment", epoch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=_Indices(flat), num_workers=cfg.num_workers, collate_fn=collate_fn,
+            seeded, batch_sampler=_Indices(flat), num_workers=cfg.num_workers, collate_fn=collate_fn,
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
             pin_memory=device.type == "cuda",
         )
@@ -321,6 +334,8 @@ def train(
             loss_sum = 0.0
             for i, mb in enumerate(micro_batches):
                 batch = next(it)
+                # dropout: its own stream per (step, rank, micro-batch), seeded after loading (see talos.rng)
+                seed_all(stream_seed(cfg.seed, "dropout", step, rank, i))
                 last = i == len(micro_batches) - 1
                 sync = runner.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
                 with sync:
@@ -334,8 +349,10 @@ def train(
                 t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
                 dist.all_reduce_sum_([t])
                 loss_sum = float(t.item())
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
+            # the norm over all gradients (inf max_norm: measured, not clipped) catches NaN/inf gradients
+            gnorm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                                   cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+            check_finite_step(step + 1, loss_sum, float(gnorm), cfg)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -353,9 +370,41 @@ def train(
             if stop_after is not None and step >= stop_after:
                 if bar is not None:
                     bar.close()
-                return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": time.time() - t0,
-                        "interrupted": True}
+                return {"steps": step, "total_steps": total, "loss": last_loss,
+                        "seconds": seconds_before + time.time() - t0, "interrupted": True}
     if bar is not None:
         bar.close()
-    return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": time.time() - t0,
+    return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": seconds_before + time.time() - t0,
             "interrupted": False}
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the run is left incomplete (its checkpoint, if any,
+    holds the last finite state)."""
+
+
+def check_finite_step(step: int, loss: float, grad_norm: float, cfg: TrainConfig) -> None:
+    """DivergenceError at the first optimizer step whose loss or gradient norm is NaN or infinite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    value = loss if not math.isfinite(loss) else grad_norm
+    raise DivergenceError(
+        f"training diverged: {what} is {value} at optimizer step {step} (lr {cfg.lr}, precision {cfg.precision}); "
+        "nothing was saved as finished. Try a lower --lr, a longer --warmup-length, --grad-clip 1.0, or "
+        "--precision fp32, then rerun (the run resumes from its last checkpoint, or delete checkpoint.pt to restart)"
+    )
+
+
+#: TrainConfig fields that do not change results: a checkpoint may be resumed with other values.
+RESUME_FREE = ("num_workers", "checkpoint_every", "log_every")
+
+
+def check_resume_config(path: Path, saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """ValueError naming the checkpoint when it was written under different settings than ``cfg``."""
+    now = asdict(cfg)
+    diff = sorted(k for k in set(now) | set(saved) if k not in RESUME_FREE and saved.get(k) != now.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        raise ValueError(f"{path} was written with other settings ({detail}); rerun with the original flags, "
+                         "or delete the checkpoint to restart this run from scratch")

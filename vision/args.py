@@ -18,14 +18,23 @@ from talos.analysis.drift import add_drift_flags
 #: Fine-tuning epochs per dataset (task_vectors / paper setting).
 EPOCHS = {
     "Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15, "SUN397": 14, "SVHN": 4,
+    # the 14- and 20-task suites: TALL-masks' presets (github:nik-dim/tall_masks, finetune.py `epochs`)
+    "CIFAR10": 6, "CIFAR100": 6, "STL10": 60, "Food101": 4, "Flowers102": 147, "FER2013": 10, "PCAM": 1,
+    "OxfordIIITPet": 82, "RenderedSST2": 39, "EMNIST": 2, "FashionMNIST": 5, "KMNIST": 5,
     # generated datasets of the CPU smoke run
     "SynthShapes": 2, "SynthColors": 2, "SynthStripes": 2, "SynthControl": 2,
 }
 #: Calibration batch size per model (official code); other models default to 16.
 CALIBRATION_BATCH_SIZE = {"ViT-B-32": 64, "ViT-B-16": 16, "ViT-L-14": 2}
 DEFAULT_CALIBRATION_BATCH_SIZE = 16
-#: Vision defaults of merge hyperparameters that differ by domain (TALL-masks / Consensus λ = 0.2).
-MERGE_DEFAULTS = {"tall_masks": {"lam": 0.2}, "consensus": {"lam": 0.2}}
+#: Vision defaults of merge hyperparameters that differ by domain: TALL-masks / Consensus λ = 0.2, and the key
+#: filters of the official vision scripts (talos/official_merges.py); TIES's extra_zeros -1 = the text tower's
+#: leftover entries of the official encoder state dict (resolved from the model config).
+MERGE_DEFAULTS = {"tall_masks": {"lam": 0.2}, "consensus": {"lam": 0.2},
+                  "ties": {"extra_zeros": -1, "negation_keys": "attn,mlp,conv"},
+                  "dare": {"skip_keys": "positional_embedding,text_projection,logit_scale",
+                           "negation_keys": "attn,mlp,conv"},
+                  "breadcrumbs": {"trim_keys": "attn,mlp,conv"}}
 #: The eight tasks of the paper and the negation control.
 TASKS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
 CONTROL = "ImageNet"
@@ -33,6 +42,8 @@ CONTROL = "ImageNet"
 
 def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> argparse.ArgumentParser:
     """The single parser shared by all vision scripts."""
+    from .checkpoints import SOURCES
+
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-32",
@@ -40,6 +51,11 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
                         "config talos-tiny-vit)")
     g.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag, a local checkpoint path, or 'none' for random init")
+    g.add_argument("--activation", default="auto", choices=["auto", "quick_gelu", "gelu"],
+                   help="MLP activation; auto = the pretrained tag's (QuickGELU for every openai tag, as the "
+                        "weights were trained; open_clip >= 2.24 no longer forces it), else the architecture's")
+    g.add_argument("--allow-activation-mismatch", action="store_true",
+                   help="allow an explicit --activation that differs from the pretrained tag's")
     g.add_argument("--openclip-cachedir", default=os.environ.get("OPENCLIP_CACHEDIR"),
                    help="where open_clip caches downloaded weights")
     g = cli.add_method_flags(
@@ -52,9 +68,14 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
                                     f"{DEFAULT_CALIBRATION_BATCH_SIZE}",
         lora_scaling="alpha",
         lora_scaling_help="LoRA update multiplier: alpha (the official vision code) or alpha / rank (peft)")
+    g.add_argument("--import-source", default=None, choices=SOURCES.names(),
+                   help="with --finetuning-mode imported: whose published checkpoints (vision/import_checkpoints.py)")
     g.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze class/positional embeddings and the output projection (exactly sparse task "
                         "vectors); off reproduces the official code, which trains them densely")
+    g.add_argument("--count-text-ln-final", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the text tower's leftover ln_final (score 0, always kept) in the global kept count, "
+                        "as the official code's eligible set does (1,024 entries for ViT-B/32)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="activation checkpointing of the image encoder's blocks (non-reentrant) in calibration "
                         "and fine-tuning: less activation memory for more time (benchmarks/efficiency.py measures "
@@ -82,12 +103,22 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
 
 def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> argparse.Namespace:
     """Check every value and fill presets. Raises ValueError before any model or data is touched."""
+    from .checkpoints import SOURCES
     from .datasets import DATASETS, base_name
-    from .models import check_model_name
+    from .models import check_model_name, official_leftover_entries, resolve_activation, text_ln_final_entries
 
     mode = cli.validate_common(args, need_train_dataset=need_train_dataset,
                                check_task=lambda name: DATASETS.get(base_name(name)))
     check_model_name(args.model)
+    args.pretrained_id = cli.check_pretrained_file(args.pretrained)  # a file: its content hash (run hash)
+    args.activation = resolve_activation(args.model, args.pretrained, args.activation,
+                                         args.allow_activation_mismatch)
+    args.zero_score_entries = text_ln_final_entries(args.model) if args.count_text_ln_final else 0
+    if args.merge_ties_extra_zeros == -1:
+        args.merge_ties_extra_zeros = official_leftover_entries(args.model)
+    if (mode.name == "imported") != (args.import_source is not None):
+        raise ValueError("--import-source is required with, and only with, --finetuning-mode imported "
+                         f"(sources: {', '.join(SOURCES.names())})")
     if args.batch_size < 1 or args.num_grad_accumulation < 1 or args.batch_size % args.num_grad_accumulation:
         raise ValueError("--batch-size must be a positive multiple of --num-grad-accumulation")
     if args.warmup_length < 0:
@@ -118,12 +149,17 @@ def parse_args(argv: Sequence[str] | None = None, *, need_train_dataset: bool = 
 
 def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
     """The hyperparameters that define a fine-tuning run (its folder hash); eval scripts recompute them."""
+    from talos.modes import MODES
+
     from .datasets import base_name
 
     epochs = args.epochs if args.epochs is not None else EPOCHS.get(base_name(task))
     return {
-        "model": args.model, "pretrained": args.pretrained, "mode": args.finetuning_mode, "task": task,
+        "model": args.model, "pretrained": cli.pretrained_key(args), "activation": args.activation,
+        "precision": args.precision, "mode": args.finetuning_mode, "task": task,
         "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd, "warmup": args.warmup_length,
         "epochs": epochs, "seed": args.seed, "grad_clip": args.grad_clip,
         "freeze_embeddings": bool(args.freeze_embeddings), **cli.method_hparams(args),
+        **({"zero_score_entries": args.zero_score_entries} if MODES.get(args.finetuning_mode).needs_calibration
+           else {}),
     }

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from talos import distributed as dist
-from talos.io import load_tensors, save_tensors
-from talos.cli import RunPaths
+from talos.io import check_artifact, load_tensors, record_artifact, save_tensors
+from talos.cli import RunPaths, pretrained_key
 from talos.paths import head_path
 from talos.pipeline import EditEvaluator
 
@@ -35,8 +35,8 @@ class VisionSetup:
         self.args = args
         self.device = torch.device(args.device)
         clip, self.train_preprocess, self.val_preprocess, self.tokenizer = load_clip(
-            args.model, args.pretrained, args.openclip_cachedir, device="cpu"
-        )
+            args.model, args.pretrained, args.openclip_cachedir, device="cpu",
+            activation=args.activation)
         self._clip = clip
         self._heads: dict[str, Tensor] = {}
         self._eval_cache: dict[tuple[str, str], torch.utils.data.TensorDataset] = {}
@@ -52,15 +52,15 @@ class VisionSetup:
         if name not in self._heads:
             spec = DATASETS.get(name)
             classnames, templates = spec.classnames(self.args.data_location), spec.templates
-            path = head_path(self.args.save, DOMAIN, self.args.model, name,
-                             {"pretrained": self.args.pretrained, "classes": head_key(classnames, templates)})
-            if path.exists():
+            path = head_path(self.args.save, DOMAIN, self.args.model, name, head_hparams(self.args, classnames, templates))
+            if path.exists() and check_artifact(path) is None:
                 w = load_tensors(path)["head"]
             else:
                 w = zeroshot_head(self._clip.to(self.device), self.tokenizer, classnames, templates, str(self.device))
                 self._clip.to("cpu")
                 if dist.is_main():
                     save_tensors(path, {"head": w})
+                    record_artifact(path)
             self._heads[name] = w
         return self._heads[name]
 
@@ -111,6 +111,15 @@ class VisionSetup:
         """Current values of every tensor a fine-tuning run may change (eligible + dense), on CPU."""
         named = dict(self.classifier.named_parameters())
         return {n: named[n].detach().cpu().clone() for n in self.eligible + self.dense}
+
+
+def head_hparams(args: argparse.Namespace, classnames: Any, templates: Any) -> dict[str, Any]:
+    """The zero-shot head cache key: the weights as the run hash names them (a file by content), the class
+    prompts, and the seed when the weights are a random initialisation (``--pretrained none``)."""
+    h = {"pretrained": pretrained_key(args), "activation": args.activation, "classes": head_key(classnames, templates)}
+    if args.pretrained in (None, "", "none"):
+        h["seed"] = args.seed
+    return h
 
 
 def logits_forward(model: torch.nn.Module, batch: Any) -> Tensor:

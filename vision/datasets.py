@@ -8,6 +8,10 @@ Splits (the rule every task follows, ImageNet included)::
     <Name>Val, "test"  -> the validation images: 10% of the official train split, at most 5,000,
                           drawn with torch.randperm seeded 0 (identical to task_vectors' random_split)
 
+Exception, as in the official code: a dataset whose layout ships its own validation folder (EuroSAT's
+``EuroSAT_splits/val``, the official ``EuroSATVal``) uses it as ``<Name>Val/"test"``, and then every "train"
+is the full train folder (disjoint from it already). Without that folder the 10% rule applies (logged).
+
 Fine-tuning never sees the validation images (they calibrate TaLoS masks and choose merge
 coefficients), which is why ``get_dataset(<Name>, "train")`` already excludes them. ``spec.build("train")``
 is the full official train split, for callers that need it explicitly.
@@ -26,6 +30,7 @@ scripts call :func:`check_datasets` before loading any model.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -36,11 +41,15 @@ from torch.utils.data import Dataset, Subset
 
 from talos.registry import Registry
 
+from .classnames import CARS, FER2013, FLOWERS102, PCAM
+from .classnames import CIFAR10 as CIFAR10_CLASSES
 from .synthetic import SYNTHETIC_TASKS
 from .templates import TEMPLATES, get_templates
 
 __all__ = [
     "DATASETS",
+    "EXPECTED_COUNTS",
+    "SUITES",
     "DatasetNotFoundError",
     "DatasetSpec",
     "ImageFolderSpec",
@@ -48,12 +57,15 @@ __all__ = [
     "base_name",
     "is_val",
     "check_datasets",
+    "dataset_labels",
     "get_dataset",
     "prepare_command",
     "register_dataset",
     "split_train_val",
+    "suite",
 ]
 
+logger = logging.getLogger("talos")
 Location = str | os.PathLike
 SPLITS = ("train", "test")
 VAL_SUFFIX = "Val"
@@ -170,7 +182,8 @@ class FileListDataset(Dataset):
         return self.transform(image), int(label)
 
 
-def _scan_image_folder(directory: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+def _scan_image_folder(directory: Path, classes: Sequence[str],
+                       labels: Sequence[int] | None = None) -> list[tuple[str, int]]:
     """ImageFolder's sample list for ``directory`` with a fixed class order.
 
     Same order as ``torchvision.datasets.ImageFolder`` (class-sorted, then sorted file names), which
@@ -182,7 +195,7 @@ def _scan_image_folder(directory: Path, classes: Sequence[str]) -> list[tuple[st
     extra = sorted(set(_list_class_folders(directory)) - set(classes))
     if extra:
         raise ValueError(f"{directory} has class folders absent from the train split: {extra[:5]}")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
+    class_to_idx = {c: (labels[i] if labels is not None else i) for i, c in enumerate(classes)}
     return make_dataset(str(directory), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
 
 
@@ -257,6 +270,10 @@ class DatasetSpec:
         """Class names in label order (what the zero-shot head is built from)."""
         raise NotImplementedError
 
+    def build_val(self, transform: Callable | None, location: Location) -> Dataset | None:
+        """The dataset's own validation split when its layout has one (None: hold out 10% of train)."""
+        return None
+
     def build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
         """The FULL official ``split`` ("train" or "test") yielding ``(image_tensor, label_int)``."""
         if split not in SPLITS:
@@ -278,6 +295,10 @@ class ImageFolderSpec(DatasetSpec):
     sorted folder names; a sequence -> fixed names in label order (checked against the folder count).
     ``test_dirs``: accepted test folder names, first existing wins (e.g. task_vectors stores DTD's and
     SUN397's official test split as ``val``).
+    ``official``: the official class list; class folders named by zero-padded label index (``000``, ``001``,
+    what ``prepare_datasets.py`` writes when a class name cannot be a folder name) take their names from it,
+    and their images are ordered by file name across classes (the source's row order), not class by class.
+    ``val_dirs``: folders of an official validation split (EuroSAT's ``val``), used by :meth:`build_val`.
     """
 
     def __init__(
@@ -289,9 +310,13 @@ class ImageFolderSpec(DatasetSpec):
         *,
         train_dir: str = "train",
         test_dirs: Sequence[str] = ("test",),
+        official: Sequence[str] | None = None,
+        val_dirs: Sequence[str] = (),
     ) -> None:
         super().__init__(name, subdir, templates)
         self._classnames = classnames
+        self.val_dirs = tuple(val_dirs)
+        self.official = list(official) if official is not None else None
         self.train_dir = train_dir
         self.test_dirs = tuple(test_dirs)
 
@@ -318,12 +343,35 @@ class ImageFolderSpec(DatasetSpec):
             return list(self._classnames)
         self.check(location)
         folders = self.class_folders(location)
+        if self._indexed(folders):
+            return list(self.official)
         if callable(self._classnames):
             return list(self._classnames(folders))
         return [f.replace("_", " ") for f in folders]
 
+    def build_val(self, transform: Callable | None, location: Location) -> Dataset | None:
+        if not self.val_dirs:
+            return None
+        self.check(location)
+        for d in self.val_dirs:
+            if (self.folder(location) / d).is_dir():
+                classes = self.class_folders(location)
+                return FileListDataset(_scan_image_folder(self.folder(location) / d, classes), transform, classes)
+        logger.warning("%s: no %s folder under %s; holding out 10%% of train as %sVal", self.name,
+                       "/".join(self.val_dirs), self.folder(location), self.name)
+        return None
+
+    def _indexed(self, classes: Sequence[str]) -> bool:
+        return self.official is not None and bool(classes) and all(c.isdigit() for c in classes)
+
     def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
         classes = self.class_folders(location)
+        if self._indexed(classes):  # label = folder index, names from the official list
+            samples = _scan_image_folder(self.split_dir(split, location), classes, [int(c) for c in classes])
+            # Exports are named by source row (or original file name): file-name order restores the source's
+            # order across classes, which the seeded <Task>Val split depends on (torchvision's for Cars/MNIST).
+            samples.sort(key=lambda s: (os.path.basename(s[0]), s[1]))
+            return FileListDataset(samples, transform, self.official)
         if self._classnames is not None and not callable(self._classnames) and len(classes) != len(self._classnames):
             raise ValueError(
                 f"{self.name}: {self.split_dir('train', location)} has {len(classes)} class folders, "
@@ -372,7 +420,7 @@ class _CarsSpec(DatasetSpec):
 
     def __init__(self) -> None:
         super().__init__("Cars", "stanford_cars", "Cars")
-        self._folder_spec = ImageFolderSpec("Cars", self.FALLBACK, "Cars")
+        self._folder_spec = ImageFolderSpec("Cars", self.FALLBACK, "Cars", official=CARS)
 
     def layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
@@ -409,7 +457,44 @@ class _CarsSpec(DatasetSpec):
         )
 
 
-class _MNISTSpec(DatasetSpec):
+class _NativeOrExport(DatasetSpec):
+    """A dataset in its native (torchvision) layout, or the image folders ``prepare_datasets.py`` exports from a
+    hub parquet copy: ``<subdir>/{train,test}/<NNN>/`` (label index folders; names from :meth:`fixed_classnames`).
+
+    Subclasses implement ``_native_layouts``, ``_build_native`` and ``fixed_classnames``.
+    """
+
+    def _native_layouts(self, location: Location) -> list[list[Path]]:
+        raise NotImplementedError
+
+    def _build_native(self, split: str, transform: Callable | None, location: Location) -> Dataset:
+        raise NotImplementedError
+
+    def fixed_classnames(self) -> list[str]:
+        """The official class names in label order."""
+        raise NotImplementedError
+
+    def export_spec(self) -> ImageFolderSpec:
+        """The spec of the exported image-folder layout."""
+        return ImageFolderSpec(self.name, self.subdir, self._templates, official=self.fixed_classnames())
+
+    def layouts(self, location: Location) -> list[list[Path]]:
+        return [*self._native_layouts(location), *self.export_spec().layouts(location)]
+
+    def uses_export(self, location: Location) -> bool:
+        """True when no native layout is complete (the exported folders are read instead)."""
+        return not any(all(p.exists() for p in paths) for paths in self._native_layouts(location))
+
+    def classnames(self, location: Location) -> list[str]:
+        return self.fixed_classnames()
+
+    def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
+        if self.uses_export(location):
+            return self.export_spec()._build(split, transform, location)
+        return self._build_native(split, transform, location)
+
+
+class _MNISTSpec(_NativeOrExport):
     """torchvision MNIST: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (or legacy ``processed/``)."""
 
     FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -417,34 +502,34 @@ class _MNISTSpec(DatasetSpec):
     def __init__(self) -> None:
         super().__init__("MNIST", "MNIST", "MNIST")
 
-    def layouts(self, location: Location) -> list[list[Path]]:
+    def _native_layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
         return [[base / "raw" / f for f in self.FILES], [base / "processed" / f for f in ("training.pt", "test.pt")]]
 
-    def classnames(self, location: Location) -> list[str]:
+    def fixed_classnames(self) -> list[str]:
         return [str(d) for d in range(10)]
 
-    def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
+    def _build_native(self, split: str, transform: Callable | None, location: Location) -> Dataset:
         return _torchvision_datasets().MNIST(
             root=str(self.root(location)), train=split == "train", transform=_RGBThen(transform),
             target_transform=int, download=False,
         )
 
 
-class _SVHNSpec(DatasetSpec):
+class _SVHNSpec(_NativeOrExport):
     """torchvision SVHN under ``svhn/``: ``svhn/{train,test}_32x32.mat`` (needs scipy; label 10 -> digit 0)."""
 
     def __init__(self) -> None:
         super().__init__("SVHN", "svhn", "SVHN")
 
-    def layouts(self, location: Location) -> list[list[Path]]:
+    def _native_layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
         return [[base / "train_32x32.mat", base / "test_32x32.mat"]]
 
-    def classnames(self, location: Location) -> list[str]:
+    def fixed_classnames(self) -> list[str]:
         return [str(d) for d in range(10)]
 
-    def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
+    def _build_native(self, split: str, transform: Callable | None, location: Location) -> Dataset:
         return _torchvision_datasets().SVHN(
             root=str(self.folder(location)), split=split, transform=_RGBThen(transform), target_transform=int,
             download=False,
@@ -500,21 +585,21 @@ GTSRB_CLASSNAMES = [
 ]
 
 
-class _GTSRBSpec(DatasetSpec):
+class _GTSRBSpec(_NativeOrExport):
     """torchvision GTSRB: ``gtsrb/GTSRB/Training/<00000..00042>/*.ppm``, ``gtsrb/GTSRB/Final_Test/Images/*.ppm``
     and ``gtsrb/GT-final_test.csv`` (test labels)."""
 
     def __init__(self) -> None:
         super().__init__("GTSRB", "gtsrb", "GTSRB")
 
-    def layouts(self, location: Location) -> list[list[Path]]:
+    def _native_layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
         return [[base / "GTSRB" / "Training", base / "GTSRB" / "Final_Test" / "Images", base / "GT-final_test.csv"]]
 
-    def classnames(self, location: Location) -> list[str]:
+    def fixed_classnames(self) -> list[str]:
         return list(GTSRB_CLASSNAMES)
 
-    def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
+    def _build_native(self, split: str, transform: Callable | None, location: Location) -> Dataset:
         return _torchvision_datasets().GTSRB(
             root=str(self.root(location)), split=split, transform=_RGBThen(transform), target_transform=int,
             download=False,
@@ -598,6 +683,140 @@ def _sun397_names(folders: list[str]) -> list[str]:
     return [f[2:].replace("_", " ") for f in folders]
 
 
+class _TorchvisionSpec(DatasetSpec):
+    """A torchvision dataset read from its own on-disk layout (``download=False``), as TALL-masks reads it.
+
+    ``root``: folder (relative to ``--data-location``) passed to torchvision as ``root``; ``files``: paths
+    (relative to ``<location>/<subdir>``) that must exist; ``splits``: keyword arguments of each split;
+    ``classes``: names in label order, or None to take the torchvision dataset's ``classes`` attribute.
+    """
+
+    def __init__(self, name: str, subdir: str, tv_class: str, *, root: str, files: Sequence[str],
+                 splits: dict[str, dict[str, Any]], classes: Sequence[str] | None = None) -> None:
+        super().__init__(name, subdir, name)
+        self.tv_class, self.tv_root, self.files, self.splits = tv_class, root, tuple(files), splits
+        self._classes = list(classes) if classes is not None else None
+
+    def layouts(self, location: Location) -> list[list[Path]]:
+        return [[self.folder(location) / f for f in self.files]]
+
+    def _dataset(self, split: str, location: Location, **extra: Any) -> Dataset:
+        cls = getattr(_torchvision_datasets(), self.tv_class)
+        return cls(root=str(self.root(location) / self.tv_root), download=False, **self.splits[split], **extra)
+
+    def classnames(self, location: Location) -> list[str]:
+        if self._classes is not None:
+            return list(self._classes)
+        self.check(location)
+        return list(self._dataset("test", location).classes)
+
+    def _build(self, split: str, transform: Callable | None, location: Location) -> Dataset:
+        return self._dataset(split, location, transform=_RGBThen(transform), target_transform=int)
+
+
+def _idx_files(prefix: str) -> list[str]:
+    """The four idx files of an MNIST-format torchvision dataset under ``prefix``."""
+    return [f"{prefix}{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+
+
+def _suite_specs() -> list[DatasetSpec]:
+    """The twelve datasets TALL-masks adds to the eight tasks (torchvision layouts, FER2013 from the HF Hub)."""
+    bool_split = {"train": {"train": True}, "test": {"train": False}}
+    named_split = {"train": {"split": "train"}, "test": {"split": "test"}}
+    return [
+        _TorchvisionSpec("CIFAR10", "cifar-10-batches-py", "CIFAR10", root="", splits=bool_split,
+                         files=[*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"],
+                         classes=CIFAR10_CLASSES),
+        _TorchvisionSpec("CIFAR100", "cifar-100-python", "CIFAR100", root="", splits=bool_split,
+                         files=["train", "test", "meta"]),
+        _TorchvisionSpec("STL10", "stl10", "STL10", root="stl10", splits=named_split,
+                         files=[f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin",
+                                                              "class_names.txt")]),
+        _TorchvisionSpec("Flowers102", "flowers102", "Flowers102", root="flowers102", splits=named_split,
+                         files=["flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
+                         classes=FLOWERS102),
+        _TorchvisionSpec("OxfordIIITPet", "OxfordIIITPet", "OxfordIIITPet", root="OxfordIIITPet",
+                         splits={"train": {"split": "trainval"}, "test": {"split": "test"}},
+                         files=["oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt",
+                                "oxford-iiit-pet/annotations/test.txt"]),
+        _TorchvisionSpec("PCAM", "PCAM", "PCAM", root="PCAM", splits=named_split, classes=PCAM,
+                         files=[f"pcam/camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "test")
+                                for xy in ("x", "y")]),
+        ImageFolderSpec("FER2013", "fer2013", "FER2013", official=FER2013),
+        _TorchvisionSpec("EMNIST", "EMNIST", "EMNIST", root="EMNIST",
+                         splits={"train": {"split": "digits", "train": True},
+                                 "test": {"split": "digits", "train": False}},
+                         files=[f"EMNIST/raw/emnist-digits-{s}-{k}-ubyte" for s in ("train", "test")
+                                for k in ("images-idx3", "labels-idx1")],
+                         classes=[str(d) for d in range(10)]),
+        _TorchvisionSpec("FashionMNIST", "FashionMNIST", "FashionMNIST", root="FashionMNIST", splits=bool_split,
+                         files=_idx_files("FashionMNIST/raw/"),
+                         classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                  "Sneaker", "Bag", "Ankle boot"]),
+        _TorchvisionSpec("KMNIST", "KMNIST", "KMNIST", root="KMNIST", splits=bool_split,
+                         files=_idx_files("KMNIST/raw/"),
+                         classes=["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]),
+        _TorchvisionSpec("Food101", "food101", "Food101", root="food101", splits=named_split,
+                         files=["food-101/images", "food-101/meta/train.json", "food-101/meta/test.json"]),
+        _TorchvisionSpec("RenderedSST2", "RenderedSST2", "RenderedSST2", root="RenderedSST2", splits=named_split,
+                         files=["rendered-sst2/train", "rendered-sst2/test"], classes=["negative", "positive"]),
+    ]
+
+
+#: The task suites of the TALL-masks benchmark (github:nik-dim/tall_masks, src/utils/variables_and_paths.py:
+#: ALL_DATASETS[:8] / [:14] / [:20], in that order).
+SUITES: dict[str, list[str]] = {
+    "8": ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"],
+}
+SUITES["14"] = [*SUITES["8"], "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013"]
+SUITES["20"] = [*SUITES["14"], "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST"]
+
+def suite(name: str) -> list[str]:
+    """The tasks of suite ``name`` ("8", "14" or "20"); an unknown name raises with the valid ones."""
+    if str(name) not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; valid: {', '.join(SUITES)}")
+    return list(SUITES[str(name)])
+
+
+#: Expected (classes, images) of each dataset's FULL official splits, what ``prepare_datasets.py --verify``
+#: checks. Counts from the datasets' papers / torchvision docs / the hub cards (see the README's Datasets table).
+EXPECTED_COUNTS: dict[str, dict[str, tuple[int, int]]] = {
+    "Cars": {"train": (196, 8144), "test": (196, 8041)},
+    "DTD": {"train": (47, 3760), "test": (47, 1880)},
+    "EuroSAT": {"train": (10, 21600), "test": (10, 2700)},
+    "GTSRB": {"train": (43, 26640), "test": (43, 12630)},
+    "MNIST": {"train": (10, 60000), "test": (10, 10000)},
+    "RESISC45": {"train": (45, 18900), "test": (45, 6300)},
+    "SUN397": {"train": (397, 19850), "test": (397, 19850)},
+    "SVHN": {"train": (10, 73257), "test": (10, 26032)},
+    "ImageNet": {"train": (1000, 1281167), "test": (1000, 50000)},
+    "CIFAR10": {"train": (10, 50000), "test": (10, 10000)},
+    "CIFAR100": {"train": (100, 50000), "test": (100, 10000)},
+    "STL10": {"train": (10, 5000), "test": (10, 8000)},
+    "Flowers102": {"train": (102, 1020), "test": (102, 6149)},
+    "OxfordIIITPet": {"train": (37, 3680), "test": (37, 3669)},
+    "PCAM": {"train": (2, 262144), "test": (2, 32768)},
+    "FER2013": {"train": (7, 28709), "test": (7, 7178)},
+    "EMNIST": {"train": (10, 240000), "test": (10, 40000)},
+    "FashionMNIST": {"train": (10, 60000), "test": (10, 10000)},
+    "KMNIST": {"train": (10, 60000), "test": (10, 10000)},
+    "Food101": {"train": (101, 75750), "test": (101, 25250)},
+    "RenderedSST2": {"train": (2, 6920), "test": (2, 1821)},
+}
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Every label of ``dataset`` without decoding images (torchvision's label attributes, else iterating)."""
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(dataset, attr):
+            return [int(x) for x in getattr(dataset, attr)]
+    for attr in ("_samples", "samples"):
+        value = getattr(dataset, attr, None)
+        if value and isinstance(value[0], tuple):
+            return [int(x[1]) for x in value]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
@@ -611,13 +830,15 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 register_dataset(_CarsSpec())
 register_dataset(ImageFolderSpec("DTD", "dtd", "DTD", test_dirs=("test", "val")))
-register_dataset(ImageFolderSpec("EuroSAT", "EuroSAT_splits", "EuroSAT", _eurosat_names))
+register_dataset(ImageFolderSpec("EuroSAT", "EuroSAT_splits", "EuroSAT", _eurosat_names, val_dirs=("val",)))
 register_dataset(_GTSRBSpec())
 register_dataset(_MNISTSpec())
 register_dataset(_RESISC45Spec())
 register_dataset(ImageFolderSpec("SUN397", "sun397", "SUN397", _sun397_names, test_dirs=("test", "val")))
 register_dataset(_SVHNSpec())
 register_dataset(_ImageNetSpec())
+for _spec_ in _suite_specs():
+    register_dataset(_spec_)
 for _name, _classes in SYNTHETIC_TASKS.items():
     register_dataset(ImageFolderSpec(_name, _name, "Synthetic", _classes))
 
@@ -660,6 +881,9 @@ def get_dataset(name: str, split: str, transform: Callable | None, location: Loc
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "test" and not is_val(name):
         return spec.build("test", transform, location)
+    own_val = spec.build_val(transform, location)
+    if own_val is not None:  # a separate official validation split: train is the whole train folder
+        return own_val if split == "test" else spec.build("train", transform, location)
     full = spec.build("train", transform, location)
     train_idx, val_idx = split_train_val(len(full))
     return Subset(full, val_idx if (split == "test") else train_idx)

@@ -20,6 +20,7 @@ import torch
 
 from talos import distributed as dist
 from talos.analysis.drift import GradientDrift
+from talos.rng import EpochLoader, SeededDataset
 from talos.pipeline import finetune_with_mode, mode_context, start_finetune
 from talos.train import TrainConfig
 
@@ -55,12 +56,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = setup.use_task(task)
 
     def calib_batches():
-        ds = setup.dataset(task, "val", train_transform=True)  # <Task>Val, training preprocessing
-        return setup.loader(ds, args.calibration_batch_size)
+        # <Task>Val with the training preprocessing; augmentations from calibration's own stream (per round
+        # and example), so a loaded mask or another --num-workers leaves every later draw unchanged
+        ds = SeededDataset(setup.dataset(task, "val", train_transform=True), args.seed, "calibration")
+        return EpochLoader(lambda d: setup.loader(d, args.calibration_batch_size), ds)
 
     ctx = mode_context(args, job.tracker, runs=RUNS, model=model,
                        eligible=setup.eligible, dense=setup.dense, forward_fn=logits_forward,
-                       calibration_batches=calib_batches, lora_targets=lora_targets)
+                       calibration_batches=calib_batches, lora_targets=lora_targets,
+                       zero_score_entries=args.zero_score_entries)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulation=args.num_grad_accumulation,
                       lr=args.lr, weight_decay=args.wd, warmup=args.warmup_length,
                       grad_clip=args.grad_clip if args.grad_clip > 0 else None, precision=args.precision,

@@ -43,17 +43,107 @@ def check_model_name(name: str) -> None:
                          "(see open_clip.list_models())")
 
 
-def load_clip(name: str, pretrained: str | None, cache_dir: str | None = None, device: str = "cpu"):
-    """(clip_model, train_preprocess, val_preprocess, tokenizer). ``pretrained`` 'none' = random init."""
+ACTIVATIONS = ("auto", "quick_gelu", "gelu")
+
+
+def _is_tag(pretrained: str | None) -> bool:
+    return pretrained not in (None, "", "none") and not Path(str(pretrained)).expanduser().is_file()
+
+
+def resolve_activation(name: str, pretrained: str | None, requested: str = "auto",
+                       allow_mismatch: bool = False) -> str:
+    """The MLP activation of the image/text towers: ``"quick_gelu"`` or ``"gelu"``.
+
+    ``auto`` follows the pretrained tag's open_clip config (``quick_gelu: True`` for every ``openai`` tag: the
+    weights were trained with QuickGELU, and open_clip >= 2.24 no longer forces it, see PR #970), else the
+    architecture's own config (the ``-quickgelu`` names). An explicit ``requested`` activation that differs
+    from the tag's raises ValueError unless ``allow_mismatch``. Reads configs only; nothing is downloaded.
+    """
     import open_clip
 
     register_model_configs()
+    if requested not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {requested!r}; valid choices: {', '.join(ACTIVATIONS)}")
+    cfg = open_clip.get_model_config(name) or {}
+    expected = "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
+    tag_act = None
+    if _is_tag(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(name, str(pretrained)) or {}
+        if tag_cfg:
+            tag_act = expected = "quick_gelu" if tag_cfg.get("quick_gelu", False) else "gelu"
+    if requested == "auto":
+        return expected
+    if tag_act is not None and requested != tag_act and not allow_mismatch:
+        raise ValueError(f"--activation {requested} does not match pretrained tag {pretrained!r} of {name}, whose "
+                         f"weights were trained with {tag_act}; use --activation auto, or pass "
+                         "--allow-activation-mismatch to run with it anyway")
+    return requested
+
+
+def load_clip(name: str, pretrained: str | None, cache_dir: str | None = None, device: str = "cpu",
+              activation: str = "auto"):
+    """(clip_model, train_preprocess, val_preprocess, tokenizer). ``pretrained`` 'none' = random init.
+
+    ``activation`` (see :func:`resolve_activation`; ``auto`` resolves it from the tag) is enforced on the built
+    model whatever open_clip's own default is, so OpenAI weights always run with QuickGELU.
+    """
+    import open_clip
+
+    register_model_configs()
+    act = resolve_activation(name, pretrained, activation, allow_mismatch=True) if activation == "auto" else activation
+    if act not in ACTIVATIONS[1:]:
+        raise ValueError(f"unknown activation {activation!r}; valid choices: {', '.join(ACTIVATIONS)}")
     tag = None if pretrained in (None, "", "none") else pretrained
+    kwargs: dict[str, Any] = {"force_quick_gelu": True} if act == "quick_gelu" else {"quick_gelu": False}
     model, train_pre, val_pre = open_clip.create_model_and_transforms(
-        name, pretrained=tag, cache_dir=cache_dir, device=device
+        name, pretrained=tag, cache_dir=cache_dir, device=device, **kwargs
     )
     tokenizer = open_clip.get_tokenizer(name)
     return model, train_pre, val_pre, tokenizer
+
+
+def official_leftover_entries(name: str) -> int:
+    """Entries of the text tower's leftovers in the official code's image-encoder state dict.
+
+    The official ``ImageEncoder`` deletes only CLIP's text ``transformer``, so its task vectors also hold
+    ``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection`` and ``logit_scale`` (all
+    zero, never trained); the official TIES counts them in its global top-k. 0 for models whose text tower is
+    not open_clip's own (the official code does not support them). Reads the config only.
+    """
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(name) or {}
+    t = cfg.get("text_cfg", {})
+    if not cfg or "hf_model_name" in t or cfg.get("custom_text"):
+        return 0
+    width, embed = int(t.get("width", 512)), int(cfg["embed_dim"])
+    return int(t.get("vocab_size", 49408)) * width + int(t.get("context_length", 77)) * width + 2 * width \
+        + width * embed + 1
+
+
+def text_ln_final_entries(name: str) -> int:
+    """Entries of the text tower's final LayerNorm (weight + bias), 0 where open_clip's own text tower is not used."""
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(name) or {}
+    t = cfg.get("text_cfg", {})
+    if not cfg or "hf_model_name" in t or cfg.get("custom_text"):
+        return 0
+    return 2 * int(t.get("width", 512))
+
+
+def model_activation(model: nn.Module) -> str:
+    """``"quick_gelu"`` or ``"gelu"``: the activation the built open_clip model actually uses."""
+    from open_clip.transformer import QuickGELU
+
+    acts = {type(m) for m in model.modules() if isinstance(m, (QuickGELU, nn.GELU))}
+    if acts == {QuickGELU}:
+        return "quick_gelu"
+    if acts == {nn.GELU}:
+        return "gelu"
+    raise ValueError(f"cannot tell the activation of this model (found {sorted(a.__name__ for a in acts)})")
 
 
 class ImageClassifier(nn.Module):

@@ -1,14 +1,18 @@
-"""Download and arrange the vision datasets into the layouts ``vision/datasets.py`` reads.
+"""Download and arrange the vision datasets into the layouts ``vision/datasets.py`` reads; check and list them.
 
-    python vision/prepare_datasets.py --dataset all --data-location ~/data
-    python vision/prepare_datasets.py --dataset SUN397 --data-location ~/data      # prints manual steps
-    python vision/prepare_datasets.py --dataset synthetic --data-location /tmp/d   # generated smoke data
+    python vision/prepare_datasets.py --dataset all --data-location ~/data        # the 8 tasks (+ ImageNet steps)
+    python vision/prepare_datasets.py --dataset suite20 --data-location ~/data    # the 20-task suite
+    python vision/prepare_datasets.py --dataset DTD --source torchvision --data-location ~/data
+    python vision/prepare_datasets.py --dataset all --data-location ~/data --verify   # counts per split
+    python vision/prepare_datasets.py --dataset suite20 --data-location ~/data --list # sources, counts, ready?
 
-Automatic (torchvision downloads): MNIST, SVHN, GTSRB, EuroSAT (re-split 80/10/10 into EuroSAT_splits/),
-DTD (official partition 1: train+val -> dtd/train, test -> dtd/test). Manual (licences or dead links):
-Cars, RESISC45, SUN397, ImageNet -- the steps are printed, and once the raw files are in place a re-run
-arranges SUN397 and ImageNet itself. Datasets already in place are left untouched. Exit status 0 when every
-requested dataset is ready, 1 when some still need manual steps, 2 on bad arguments.
+Every dataset has a list of sources, best first (``--list`` prints them); without ``--source`` the next one
+is tried when one fails. Sources: the HF Hub (``huggingface_hub``, no account needed: parquet copies exported
+as image files with their original bytes, or archives at a fixed revision with the published md5), torchvision's
+downloaders, and plain URLs (resumable, checksummed). ImageNet stays manual (licence): the steps are printed.
+Nothing half-written is left under ``--data-location``: downloads wait in ``<data-location>/.downloads/`` (kept
+between runs so an interrupted run resumes) and each dataset folder appears by one rename when complete.
+Exit status: 0 when every requested dataset is ready (or verifies), 1 otherwise, 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -17,192 +21,266 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 if __package__ in (None, ""):  # `python vision/<script>.py`: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (vision/datasets.py would shadow HF `datasets`)
 
-from vision.datasets import DATASETS, DatasetNotFoundError, base_name  # noqa: E402
+from vision import classnames as official  # noqa: E402
+from vision import data_sources as src  # noqa: E402
+from vision.datasets import (  # noqa: E402
+    DATASETS, EUROSAT_CLASSNAMES, EXPECTED_COUNTS, SUITES, DatasetNotFoundError, base_name, dataset_labels,
+    prepare_command,
+)
 from vision.synthetic import SYNTHETIC_TASKS, make_synthetic_datasets  # noqa: E402
 
-__all__ = ["main", "instructions", "PAPER_DATASETS"]
+__all__ = ["main", "instructions", "PAPER_DATASETS", "SOURCES", "GROUPS", "verify"]
 
 #: What ``--dataset all`` prepares: the eight tasks and the control.
-PAPER_DATASETS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN", "ImageNet"]
+PAPER_DATASETS = [*SUITES["8"], "ImageNet"]
+GROUPS = {"all": PAPER_DATASETS, "suite8": SUITES["8"], "suite14": SUITES["14"], "suite20": SUITES["20"],
+          "synthetic": list(SYNTHETIC_TASKS)}
+DOWNLOADS = ".downloads"
+#: torchgeo's pinned copy of NWPU-RESISC45 and the task_vectors split files (md5s as torchgeo publishes them).
+RESISC45_REPO, RESISC45_REVISION = "torchgeo/resisc45", "a826b44d938a883185f11ebe3d512d38b464312f"
+RESISC45_MD5 = {"NWPU-RESISC45.zip": "75206b2e16446591afa88e2628744886",
+                "resisc45-train.txt": "b5a4c05a37de15e4ca886696a85c403e",
+                "resisc45-val.txt": "a0770cee4c5ca20b8c32bbd61e114805",
+                "resisc45-test.txt": "3dda9e4988b47eb1de9f07993653eb08"}
 
 
 def _q(path: Path) -> str:
-    """``path`` quoted for the shell lines of the printed instructions."""
     return shlex.quote(str(path))
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (no extra disk), copying when links are impossible (other device)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        return
+def _cache(loc: Path, name: str) -> Path:
+    """The persistent download folder of ``name`` (kept on failure so that a re-run resumes)."""
+    d = loc / DOWNLOADS / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _publish(built: Path, final: Path) -> None:
+    """Move a completely prepared folder into place with one rename (never over an existing folder)."""
+    if final.exists():
+        raise FileExistsError(f"{final} exists but is incomplete; move it away and re-run")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(built, final)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
+        os.link(source, dest)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copy2(source, dest)
 
 
 # --------------------------------------------------------------------------------------------------
-# Manual instructions
+# HF Hub parquet copies -> image folders
 # --------------------------------------------------------------------------------------------------
-def _cars_steps(loc: Path) -> str:
-    d = loc / "stanford_cars"
-    return f"""\
-Stanford Cars: the official ai.stanford.edu links are dead; use the Kaggle mirrors.
-  1. pip install kaggle scipy   (torchvision reads the .mat annotations with scipy)
-  2. mkdir -p {_q(d)} && cd {_q(d)}
-     kaggle datasets download -d jessicali9530/stanford-cars-dataset && unzip stanford-cars-dataset.zip
-     kaggle datasets download -d abdelrahmant11/standford-cars-dataset-meta && unzip standford-cars-dataset-meta.zip
-  3. Arrange exactly this layout (the zips nest cars_train/cars_train and cars_test/cars_test: flatten them;
-     the devkit comes from car_devkit.tgz: tar -xzf car_devkit.tgz):
-       {d}/devkit/cars_meta.mat
-       {d}/devkit/cars_train_annos.mat
-       {d}/cars_train/00001.jpg ...
-       {d}/cars_test/00001.jpg ...
-       {d}/cars_test_annos_withlabels.mat   (rename 'cars_test_annos_withlabels (1).mat' if needed)
-  Alternative: an ImageFolder copy at {loc / 'stanford_cars_folder_based'}/{{train,test}}/<class name>/*.jpg"""
+@dataclass(frozen=True)
+class ParquetSource:
+    """A parquet dataset repo exported to ``<subdir>/{train,test}/<folder(label)>/`` with the official order."""
+
+    repo: str
+    subdir: str
+    classes: Callable[[], list[str]]  # official class names in label order
+    folder: Callable[[int], str]  # official label -> class folder name
+    revision: str = "main"
+    config: str | None = None  # the repo's subset folder, for repos with several
+    image_column: str = "image"
+    label_column: str = "label"
+    splits: tuple[tuple[str, str], ...] = (("train", "train"), ("test", "test"))  # (hub split, our folder)
+    optional: tuple[str, ...] = ()  # hub splits exported when the repo has them
+    aliases: Callable[[], list[str]] | None = None  # another spelling of the official names (same order)
+
+    def __call__(self, loc: Path) -> None:
+        classes = self.classes()
+        with src.staging(loc / self.subdir) as tmp:
+            for hub_split, folder in self.splits:
+                try:
+                    files = src.hub_parquet_files(self.repo, self.revision, hub_split, self.config)
+                except FileNotFoundError:
+                    if hub_split not in self.optional:
+                        raise
+                    print(f"  {self.repo}: no {hub_split} split (optional)")
+                    continue
+                n = src.export_parquet(files, tmp / folder, classes, self.folder, image_column=self.image_column,
+                                       label_column=self.label_column,
+                                       aliases=self.aliases() if self.aliases else ())
+                print(f"  {self.repo} {hub_split}: {n} images -> {loc / self.subdir / folder}")
 
 
-def _resisc45_steps(loc: Path) -> str:
-    d = loc / "resisc45"
-    base = "https://storage.googleapis.com/remote_sensing_representations"
-    return f"""\
-RESISC45 must be downloaded by hand.
-  1. Download NWPU-RESISC45.rar (the authors' OneDrive link, or Google Drive id
-     1DnPSU5nVSN7xv95bpZ3XQ0JhKXZOKgIv) and extract it into {d}:
-       mkdir -p {_q(d)} && cd {_q(d)} && unrar x NWPU-RESISC45.rar
-     giving {d}/NWPU-RESISC45/<class>/<class>_NNN.jpg (45 class folders).
-  2. Fetch the splits of "In-domain representation learning for remote sensing" into {d}:
-       wget -P {_q(d)} {base}/resisc45-train.txt {base}/resisc45-val.txt {base}/resisc45-test.txt
-  Train = resisc45-train.txt, test = resisc45-test.txt (resisc45-val.txt is not used)."""
+def _index(i: int) -> str:
+    return f"{i:03d}"
 
 
-def _sun397_steps(loc: Path) -> str:
-    return f"""\
-SUN397 must be downloaded by hand (about 37 GB).
-  1. cd {_q(loc)} && wget http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz && tar -xzf SUN397.tar.gz
-     giving {loc / 'SUN397'}/a/abbey/sun_*.jpg ...
-  2. cd {_q(loc / 'SUN397')} && wget https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip && unzip Partitions.zip
-     giving ClassName.txt, Training_01.txt and Testing_01.txt (directly or under Partitions/).
-  3. Re-run this command: it arranges partition 01 into {loc / 'sun397'}/train/<a_abbey>/ and
-     {loc / 'sun397'}/test/<a_abbey>/ (hard links, no extra disk). task_vectors copies that keep the
-     test split in sun397/val/ are read as they are."""
+def _eurosat_classes() -> list[str]:
+    return [EUROSAT_CLASSNAMES[f] for f in sorted(EUROSAT_CLASSNAMES)]
 
 
-def _imagenet_steps(loc: Path) -> str:
-    d = loc / "imagenet"
-    return f"""\
-ImageNet (ILSVRC2012) needs an image-net.org account.
-  1. Download ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz into {d}
-     (pip install scipy: the devkit metadata is a .mat file).
-  2. Re-run this command: torchvision unpacks them into {d}/train/<wnid>/ and {d}/val/<wnid>/.
-  Existing copies with {d}/train/<wnid>/ and {d}/val_in_folder/<wnid>/ (task_vectors) work as they are.
-  ImageNetVal = 5,000 images held out from the train split (seeded); the test split is the official val."""
+def _eurosat_folder(i: int) -> str:
+    return sorted(EUROSAT_CLASSNAMES)[i]
 
 
-_MANUAL: dict[str, Callable[[Path], str]] = {
-    "Cars": _cars_steps,
-    "RESISC45": _resisc45_steps,
-    "SUN397": _sun397_steps,
-    "ImageNet": _imagenet_steps,
-}
+def _sun397_folder(i: int) -> str:
+    name = official.SUN397[i]  # "apartment building outdoor" -> "a_apartment_building_outdoor" (task_vectors)
+    return f"{name[0]}_{name.replace(' ', '_')}"
 
 
-def instructions(name: str, location: str | os.PathLike) -> str:
-    """The manual preparation steps of ``name`` (empty for datasets this script downloads itself)."""
-    step = _MANUAL.get(base_name(name))
-    return step(Path(location).expanduser()) if step else ""
+def _fixed(name: str) -> Callable[[], list[str]]:
+    return lambda: list(DATASETS.get(name).fixed_classnames())
 
 
 # --------------------------------------------------------------------------------------------------
-# Automatic preparation (network) and arranging of manually downloaded files
+# torchvision downloads (into .downloads/, then one rename)
 # --------------------------------------------------------------------------------------------------
-def _prepare_mnist(loc: Path) -> None:
+def _torchvision_into(loc: Path, name: str, subdir: str, fetch: Callable[[Path], None]) -> None:
+    """Run ``fetch(cache_root)``, which must create ``cache_root/<subdir>``, then move that folder into place."""
+    cache = _cache(loc, name)
+    with src.resumable_torchvision_downloads():
+        fetch(cache)
+    _publish(cache / subdir, loc / subdir)
+
+
+def _tv_mnist(loc: Path) -> None:
     import torchvision.datasets as tvd
 
-    for train in (True, False):
-        tvd.MNIST(root=str(loc), train=train, download=True)
+    _torchvision_into(loc, "MNIST", "MNIST", lambda r: [tvd.MNIST(root=str(r), train=t, download=True)
+                                                        for t in (True, False)])
 
 
-def _prepare_svhn(loc: Path) -> None:
+def _tv_svhn(loc: Path) -> None:
     # download_url directly: the SVHN class would also parse the .mat (scipy) just to download.
     import torchvision.datasets as tvd
     from torchvision.datasets.utils import download_url
 
-    for split in ("train", "test"):
-        url, filename, md5 = tvd.SVHN.split_list[split]
-        download_url(url, str(loc / "svhn"), filename, md5)
+    def fetch(root: Path) -> None:
+        for split in ("train", "test"):
+            url, filename, md5 = tvd.SVHN.split_list[split]
+            download_url(url, str(root / "svhn"), filename, md5)
+
+    _torchvision_into(loc, "SVHN", "svhn", fetch)
 
 
-def _prepare_gtsrb(loc: Path) -> None:
+def _tv_gtsrb(loc: Path) -> None:
     import torchvision.datasets as tvd
 
-    for split in ("train", "test"):
-        tvd.GTSRB(root=str(loc), split=split, download=True)
+    _torchvision_into(loc, "GTSRB", "gtsrb", lambda r: [tvd.GTSRB(root=str(r), split=s, download=True)
+                                                        for s in ("train", "test")])
 
 
-def _prepare_eurosat(loc: Path, seed: int = 0) -> None:
-    """torchvision's EuroSAT (27,000 images) randomly re-split 80/10/10 into EuroSAT_splits/{train,val,test}.
+def _tv_eurosat(loc: Path, seed: int = 0) -> None:
+    """torchvision's EuroSAT (27,000 images) re-split 80/10/10 with a seeded permutation.
 
-    The original task_vectors split (21,600/2,700/2,700) was random and unpublished; this one has the
-    same sizes and is reproducible. ``val`` is written for compatibility only: EuroSATVal follows the
-    common 10%-of-train rule like every other task.
+    Same sizes as the standard 21,600/2,700/2,700 split but NOT the same images (the task_vectors split was
+    drawn at random and is only distributed as a copy): a fallback, named as such by ``--list``. ``val``
+    is EuroSATVal's test split, as in the official code.
     """
     import torch
     import torchvision.datasets as tvd
 
-    tvd.EuroSAT(root=str(loc), download=True)
-    source = loc / "eurosat" / "2750"
-    files = sorted(p for p in source.glob("*/*") if p.is_file())
+    cache = _cache(loc, "EuroSAT")
+    with src.resumable_torchvision_downloads():
+        tvd.EuroSAT(root=str(cache), download=True)
+    files = sorted(p for p in (cache / "eurosat" / "2750").glob("*/*") if p.is_file())
     perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
     n_train, n_val = int(0.8 * len(files)), int(0.1 * len(files))
-    out = loc / "EuroSAT_splits"
-    for rank, i in enumerate(perm):
-        split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-        _link_or_copy(files[i], out / split / files[i].parent.name / files[i].name)
+    with src.staging(loc / "EuroSAT_splits") as tmp:
+        for rank, i in enumerate(perm):
+            split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+            _link_or_copy(files[i], tmp / split / files[i].parent.name / files[i].name)
 
 
-def _prepare_dtd(loc: Path) -> None:
-    """DTD partition 1 (as PAINT / task_vectors): official train+val -> dtd/train, official test -> dtd/test."""
+def _tv_dtd(loc: Path) -> None:
+    """DTD partition 1 (as task_vectors): official train+val -> dtd/train, official test -> dtd/test."""
     import torchvision.datasets as tvd
 
-    tvd.DTD(root=str(loc), split="train", partition=1, download=True)
-    data = loc / "dtd" / "dtd"
-    for target, parts in (("train", ("train1", "val1")), ("test", ("test1",))):
-        for part in parts:
-            for line in (data / "labels" / f"{part}.txt").read_text().split():
-                cls, fname = line.split("/")
-                _link_or_copy(data / "images" / cls / fname, loc / "dtd" / target / cls / fname)
+    cache = _cache(loc, "DTD")
+    with src.resumable_torchvision_downloads():
+        tvd.DTD(root=str(cache), split="train", partition=1, download=True)
+    data = cache / "dtd" / "dtd"
+    with src.staging(loc / "dtd") as tmp:
+        for target, parts in (("train", ("train1", "val1")), ("test", ("test1",))):
+            for part in parts:
+                for line in (data / "labels" / f"{part}.txt").read_text().split():
+                    cls, fname = line.split("/")
+                    _link_or_copy(data / "images" / cls / fname, tmp / target / cls / fname)
 
 
-def _arrange_sun397(loc: Path) -> bool:
-    """Arrange an extracted SUN397 + Partitions into sun397/{train,test}/<class>/; False if files are missing."""
+def _tv_suite(name: str) -> Callable[[Path], None]:
+    """torchvision download of one suite dataset (the spec knows its class, root and split arguments)."""
+    def run(loc: Path) -> None:
+        import torchvision.datasets as tvd
+
+        spec = DATASETS.get(name)
+
+        def fetch(cache: Path) -> None:
+            for kwargs in spec.splits.values():
+                getattr(tvd, spec.tv_class)(root=str(cache / spec.tv_root), download=True, **kwargs)
+
+        _torchvision_into(loc, name, spec.subdir, fetch)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# RESISC45 (torchgeo's pinned hub copy) and local arrangers
+# --------------------------------------------------------------------------------------------------
+def _resisc45(fetch: Callable[[str, Path], Path]) -> Callable[[Path], None]:
+    """Unpack NWPU-RESISC45.zip and the split files fetched by ``fetch(filename, cache)`` into resisc45/."""
+    def run(loc: Path) -> None:
+        import zipfile
+
+        cache = _cache(loc, "RESISC45")
+        paths = {f: fetch(f, cache) for f in RESISC45_MD5}
+        with src.staging(loc / "resisc45") as tmp:
+            with zipfile.ZipFile(paths["NWPU-RESISC45.zip"]) as z:
+                z.extractall(tmp)
+            for f in ("resisc45-train.txt", "resisc45-val.txt", "resisc45-test.txt"):
+                shutil.copyfile(paths[f], tmp / f)
+
+    return run
+
+
+def _resisc45_hub(filename: str, cache: Path) -> Path:
+    return src.hub_file(RESISC45_REPO, filename, RESISC45_REVISION, md5=RESISC45_MD5[filename])
+
+
+#: Base of the plain-URL fallback (the same pinned files through the hub's resolve endpoint; tests point it
+#: at a local server).
+RESISC45_URL = f"https://huggingface.co/datasets/{RESISC45_REPO}/resolve/{RESISC45_REVISION}"
+
+
+def _resisc45_url(filename: str, cache: Path) -> Path:
+    return src.download_url(f"{RESISC45_URL}/{filename}", cache / filename, md5=RESISC45_MD5[filename])
+
+
+def _arrange_sun397(loc: Path) -> None:
+    """Arrange an extracted SUN397 + Partitions (``<loc>/SUN397/``) into sun397/{train,test}/<a_abbey>/."""
     raw = loc / "SUN397"
     for parts in (raw, raw / "Partitions"):
         if (parts / "Training_01.txt").is_file() and (parts / "Testing_01.txt").is_file():
             break
     else:
-        return False
-    for target, listing in (("train", "Training_01.txt"), ("test", "Testing_01.txt")):
-        for line in (parts / listing).read_text().split():
-            rel = line.strip("/").split("/")  # "/a/abbey/sun_x.jpg" -> ["a", "abbey", "sun_x.jpg"]
-            cls = "_".join(rel[:-1])  # "a_abbey"; nested scenes: "a_apartment_building_outdoor"
-            _link_or_copy(raw.joinpath(*rel), loc / "sun397" / target / cls / rel[-1])
-    return True
+        raise FileNotFoundError(f"no Training_01.txt / Testing_01.txt under {raw} or {raw / 'Partitions'}")
+    with src.staging(loc / "sun397") as tmp:
+        for target, listing in (("train", "Training_01.txt"), ("test", "Testing_01.txt")):
+            for line in (parts / listing).read_text().split():
+                rel = line.strip("/").split("/")  # "/a/abbey/sun_x.jpg" -> ["a", "abbey", "sun_x.jpg"]
+                _link_or_copy(raw.joinpath(*rel), tmp / target / "_".join(rel[:-1]) / rel[-1])
 
 
-def _arrange_imagenet(loc: Path) -> bool:
-    """Unpack the ILSVRC2012 archives with torchvision when all three are present; False otherwise."""
+def _arrange_imagenet(loc: Path) -> None:
+    """Unpack the ILSVRC2012 archives with torchvision (they must be in ``<loc>/imagenet/``)."""
     d = loc / "imagenet"
     archives = ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"]
-    if not all((d / a).is_file() for a in archives):
-        return False
+    missing = [a for a in archives if not (d / a).is_file()]
+    if missing:
+        raise FileNotFoundError(f"ImageNet needs {', '.join(missing)} in {d} (manual download)")
     from torchvision.datasets.imagenet import parse_devkit_archive, parse_train_archive, parse_val_archive
 
     parse_devkit_archive(str(d))
@@ -210,19 +288,79 @@ def _arrange_imagenet(loc: Path) -> bool:
         parse_train_archive(str(d))
     if not (d / "val").is_dir() and not (d / "val_in_folder").is_dir():
         parse_val_archive(str(d))
-    return True
 
 
-_AUTOMATIC: dict[str, Callable[[Path], None]] = {
-    "MNIST": _prepare_mnist,
-    "SVHN": _prepare_svhn,
-    "GTSRB": _prepare_gtsrb,
-    "EuroSAT": _prepare_eurosat,
-    "DTD": _prepare_dtd,
+def _imagenet_steps(loc: Path) -> str:
+    d = loc / "imagenet"
+    return f"""\
+ImageNet (ILSVRC2012) needs an image-net.org account (licence), so it stays manual:
+  1. Log in at https://image-net.org/download-images and download ILSVRC2012_img_train.tar (138 GB),
+     ILSVRC2012_img_val.tar (6.3 GB) and ILSVRC2012_devkit_t12.tar.gz into {d}:
+       mkdir -p {_q(d)}   (pip install scipy: the devkit metadata is a .mat file)
+  2. Re-run: python vision/prepare_datasets.py --dataset ImageNet --data-location {_q(loc)}
+     torchvision unpacks them into {d}/train/<wnid>/ and {d}/val/<wnid>/.
+  Existing copies with {d}/train/<wnid>/ and {d}/val_in_folder/<wnid>/ (task_vectors) work as they are.
+  ImageNetVal = 5,000 images held out from the train split (seeded); the test split is the official val."""
+
+
+def instructions(name: str, location: str | os.PathLike) -> str:
+    """The manual preparation steps of ``name`` (empty for datasets this script downloads itself)."""
+    return _imagenet_steps(Path(location).expanduser()) if base_name(name) == "ImageNet" else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# The sources of every dataset, best first
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """One way to prepare a dataset: ``--source`` name, a one-line description, and the function."""
+
+    name: str
+    what: str
+    run: Callable[[Path], None]
+    same_split_as_task_vectors: bool = True
+
+
+def _hub(repo: str, subdir: str, classes: Callable[[], list[str]], folder: Callable[[int], str], **kw) -> Source:
+    config = f" ({kw['config']})" if kw.get("config") else ""
+    what = f"hf://datasets/{repo}{config} (parquet) -> {subdir}/"
+    return Source("hub", what, ParquetSource(repo, subdir, classes, folder, **kw))
+
+
+SOURCES: dict[str, list[Source]] = {
+    "Cars": [_hub("tanganke/stanford_cars", "stanford_cars_folder_based", lambda: list(official.CARS), _index)],
+    "DTD": [_hub("tanganke/dtd", "dtd", lambda: list(official.DTD), lambda i: official.DTD[i]),
+            Source("torchvision", "torchvision DTD partition 1 (train+val / test)", _tv_dtd)],
+    "EuroSAT": [_hub("tanganke/eurosat", "EuroSAT_splits", _eurosat_classes, _eurosat_folder,
+                     splits=(("train", "train"), ("validation", "val"), ("test", "test")), optional=("validation",),
+                     aliases=lambda: sorted(EUROSAT_CLASSNAMES)),
+                Source("torchvision", "torchvision EuroSAT, seeded 80/10/10 re-split (NOT the standard split)",
+                       _tv_eurosat, same_split_as_task_vectors=False)],
+    "GTSRB": [Source("torchvision", "torchvision GTSRB", _tv_gtsrb),
+              _hub("tanganke/gtsrb", "gtsrb", _fixed("GTSRB"), _index)],
+    "MNIST": [Source("torchvision", "torchvision MNIST", _tv_mnist),
+              _hub("ylecun/mnist", "MNIST", _fixed("MNIST"), _index),
+              _hub("tanganke/mnist", "MNIST", _fixed("MNIST"), _index)],
+    "RESISC45": [Source("hub", f"hf://datasets/{RESISC45_REPO}@{RESISC45_REVISION[:7]} zip + split files (md5)",
+                        _resisc45(_resisc45_hub)),
+                 Source("url", f"{RESISC45_URL} over plain HTTPS (resumable, md5)", _resisc45(_resisc45_url))],
+    "SUN397": [_hub("tanganke/sun397", "sun397", lambda: list(official.SUN397), _sun397_folder),
+               Source("local", "arrange an extracted SUN397/ + Partitions (Training_01/Testing_01)", _arrange_sun397)],
+    "SVHN": [Source("torchvision", "torchvision SVHN (.mat files)", _tv_svhn),
+             _hub("ufldl-stanford/svhn", "svhn", _fixed("SVHN"), _index, config="cropped_digits"),
+             _hub("tanganke/svhn", "svhn", _fixed("SVHN"), _index)],
+    "ImageNet": [Source("manual", "image-net.org archives placed by hand, unpacked by torchvision", _arrange_imagenet)],
+    "FER2013": [_hub("Jeneral/fer-2013", "fer2013", lambda: list(official.FER2013), _index,
+                     image_column="img_bytes", label_column="labels")],
 }
-_ARRANGERS: dict[str, Callable[[Path], bool]] = {"SUN397": _arrange_sun397, "ImageNet": _arrange_imagenet}
+for _name in SUITES["20"]:
+    if _name not in SOURCES:
+        SOURCES[_name] = [Source("torchvision", f"torchvision {DATASETS.get(_name).tv_class}", _tv_suite(_name))]
 
 
+# --------------------------------------------------------------------------------------------------
+# Prepare, verify, list
+# --------------------------------------------------------------------------------------------------
 def _missing(name: str, loc: Path) -> Path | None:
     """The first missing path of ``name`` under ``loc`` (None when the dataset is complete)."""
     try:
@@ -232,73 +370,117 @@ def _missing(name: str, loc: Path) -> Path | None:
         return e.path
 
 
-def _ready(name: str, loc: Path) -> bool:
-    return _missing(name, loc) is None
-
-
-def _prepare_one(name: str, loc: Path, dry_run: bool) -> bool:
-    """Prepare ``name`` under ``loc``; print what happens; True when it is ready afterwards."""
+def _prepare_one(name: str, loc: Path, source: str | None, dry_run: bool) -> bool:
+    """Prepare ``name`` under ``loc`` from its sources in order (or only ``source``); True when ready."""
     folder = DATASETS.get(name).folder(loc)
-    if _ready(name, loc):
+    if _missing(name, loc) is None:
         print(f"{name}: ready at {folder}")
         return True
     if name in SYNTHETIC_TASKS:
+        if not dry_run:
+            make_synthetic_datasets(loc, names=(name,))
+        print(f"{name}: {'would generate' if dry_run else 'generated'} synthetic images under {folder}")
+        return not dry_run
+    for s in [s for s in SOURCES[name] if source in (None, s.name)]:
         if dry_run:
-            print(f"{name}: would generate synthetic images under {folder}")
+            print(f"{name}: would prepare from {s.what}")
+            if instructions(name, loc):
+                print(instructions(name, loc))
             return False
-        make_synthetic_datasets(loc, names=(name,))
-    elif name in _AUTOMATIC:
-        if dry_run:
-            print(f"{name}: would download with torchvision and arrange into {folder}")
-            return False
-        print(f"{name}: downloading into {loc} ...")
+        print(f"{name}: preparing from {s.what} ...")
         try:
-            _AUTOMATIC[name](loc)
-        except Exception as e:  # noqa: BLE001 - one failed download must not stop the other datasets
-            print(f"{name}: download failed ({type(e).__name__}: {e}); re-run later or place the files by hand")
-    elif name in _ARRANGERS and not dry_run and _ARRANGERS[name](loc):
-        print(f"{name}: arranged raw files into {folder}")
-    if _ready(name, loc):
-        print(f"{name}: ready at {folder}")
-        return True
-    steps = instructions(name, loc)
+            s.run(loc)
+        except Exception as e:  # noqa: BLE001 - report and try the next source; other datasets go on
+            print(f"{name}: source {s.name} failed ({type(e).__name__}: {e})")
+            continue
+        if _missing(name, loc) is None:
+            print(f"{name}: ready at {folder}")
+            return True
     print(f"{name}: not ready: missing {_missing(name, loc)}")
+    steps = instructions(name, loc)
     if steps:
         print(steps)
     return False
 
 
+def verify(name: str, loc: Path) -> list[str]:
+    """What is wrong with ``name`` under ``loc`` (empty when classes and images per split match the expected)."""
+    missing = _missing(name, loc)
+    if missing is not None:
+        return [f"missing {missing} (prepare it with: {prepare_command(name, loc)})"]
+    spec, problems = DATASETS.get(name), []
+    for split, (n_classes, n_images) in EXPECTED_COUNTS.get(name, {}).items():
+        try:
+            labels = dataset_labels(spec.build(split, None, loc))
+        except Exception as e:  # noqa: BLE001 - a broken file is one of the things to report
+            problems.append(f"{split}: cannot be read ({type(e).__name__}: {e})")
+            continue
+        if len(set(labels)) != n_classes:
+            problems.append(f"{split}: {len(set(labels))} classes, expected {n_classes}")
+        if len(labels) != n_images:
+            problems.append(f"{split}: {len(labels)} images, expected {n_images}")
+    return problems
+
+
+def _counts(name: str) -> str:
+    c = EXPECTED_COUNTS.get(name)
+    return f"{c['train'][0]} classes, {c['train'][1]:,} train / {c['test'][1]:,} test" if c else "generated"
+
+
+def _list_line(name: str, loc: Path) -> str:
+    sources = ", ".join(f"{s.name}: {s.what}" for s in SOURCES.get(name, [])) or "generated (vision/synthetic.py)"
+    state = "ready" if _missing(name, loc) is None else f"missing {_missing(name, loc)}"
+    return f"{name:<14} {_counts(name):<44} {state}\n{'':<14} sources (best first): {sources}"
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    choices = [*PAPER_DATASETS, *SYNTHETIC_TASKS, *(n for n in DATASETS.names() if n not in PAPER_DATASETS
-                                                    and n not in SYNTHETIC_TASKS)]
-    p = argparse.ArgumentParser(
-        description="Download / arrange vision datasets into the layouts vision/datasets.py reads.",
-        epilog="Manual datasets (Cars, RESISC45, SUN397, ImageNet) print the exact steps.",
-    )
+    names = [n for n in DATASETS.names() if n in SOURCES or n in SYNTHETIC_TASKS]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="ImageNet is manual (licence): its steps are printed.")
     p.add_argument("--dataset", required=True,
-                   help=f"one of: {', '.join(choices)}; 'all' (the paper's 8 tasks + ImageNet); "
-                        "'synthetic' (the generated smoke-test tasks). A 'Val' suffix is ignored.")
+                   help=f"comma-separated names ({', '.join(names)}) or a group: {', '.join(GROUPS)} "
+                        "('all' = the 8 tasks + ImageNet). A 'Val' suffix is ignored.")
     p.add_argument("--data-location", required=True, help="root folder of all datasets (--data-location of the scripts)")
+    p.add_argument("--source", default=None, help="use only this source (hub, torchvision, url, local, manual); "
+                                                   "default: each dataset's sources in order (see --list)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done; download nothing")
+    p.add_argument("--verify", action="store_true", help="count classes and images per split against the expected "
+                                                         "numbers and say what is wrong; prepares nothing")
+    p.add_argument("--list", action="store_true", help="one line per dataset: sources, expected counts, ready or not")
     args = p.parse_args(argv)
-    if args.dataset == "all":
-        args.names = list(PAPER_DATASETS)
-    elif args.dataset == "synthetic":
-        args.names = list(SYNTHETIC_TASKS)
-    else:
-        names = [base_name(n) for n in args.dataset.split(",") if n]
-        unknown = [n for n in names if n not in DATASETS]
-        if unknown or not names:
-            p.error(f"unknown dataset {', '.join(unknown) or repr(args.dataset)}; valid: {', '.join(choices)}, all, synthetic")
-        args.names = list(dict.fromkeys(names))
+    requested = []
+    for item in (n for n in args.dataset.split(",") if n):
+        requested += GROUPS[item] if item in GROUPS else [base_name(item)]
+    unknown = [n for n in requested if n not in names]
+    if unknown or not requested:
+        p.error(f"unknown dataset {', '.join(unknown) or repr(args.dataset)}; valid: {', '.join(names)} "
+                f"or {', '.join(GROUPS)}")
+    args.names = list(dict.fromkeys(requested))
+    if args.source is not None:
+        lacking = [n for n in args.names if n not in SYNTHETIC_TASKS
+                   and args.source not in [s.name for s in SOURCES[n]]]
+        if lacking:
+            p.error(f"--source {args.source} is not a source of {', '.join(lacking)} "
+                    f"({'; '.join(f'{n}: ' + ', '.join(s.name for s in SOURCES[n]) for n in lacking)})")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 all ready, 1 manual steps left)."""
+    """Command-line entry point; returns the exit status (0 all ready / verified, 1 otherwise)."""
     args = _parse(argv)
     loc = Path(args.data_location).expanduser()
-    ready = [_prepare_one(name, loc, args.dry_run) for name in args.names]
+    if args.list:
+        for name in args.names:
+            print(_list_line(name, loc))
+        return 0 if all(_missing(n, loc) is None for n in args.names) else 1
+    if args.verify:
+        ok = True
+        for name in args.names:
+            problems = verify(name, loc)
+            ok &= not problems
+            print(f"{name}: {'ok (' + _counts(name) + ')' if not problems else '; '.join(problems)}")
+        return 0 if ok else 1
+    ready = [_prepare_one(name, loc, args.source, args.dry_run) for name in args.names]
     return 0 if all(ready) else 1
 
 

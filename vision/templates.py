@@ -56,6 +56,33 @@ _RESISC45 = [
 ]
 _SUN397 = ["a photo of a {}.", "a photo of the {}."]
 
+# The twelve datasets of the 14- and 20-task suites: the prompts of TALL-masks (github:nik-dim/tall_masks,
+# src/datasets/templates.py), which come from the CLIP paper's prompt lists.
+_CIFAR = [
+    template.format(article=article)
+    for article in ("a", "the")
+    for template in ("a photo of {article} {{}}.", "a blurry photo of {article} {{}}.",
+                     "a black and white photo of {article} {{}}.", "a low contrast photo of {article} {{}}.",
+                     "a high contrast photo of {article} {{}}.", "a bad photo of {article} {{}}.",
+                     "a good photo of {article} {{}}.", "a photo of {article} small {{}}.",
+                     "a photo of {article} big {{}}.")
+]
+_SUITE: dict[str, list[str]] = {
+    "CIFAR10": _CIFAR,
+    "CIFAR100": _CIFAR,
+    "STL10": ["a photo of a {}.", "a photo of the {}."],
+    "Flowers102": ["a photo of a {}, a type of flower."],
+    "OxfordIIITPet": ["a photo of a {}, a type of pet."],
+    "PCAM": ["this is a photo of {}"],
+    "FER2013": ["a photo of a {} looking face.", "a photo of a face showing the emotion: {}.",
+                "a photo of a face looking {}.", "a face that looks {}.", "they look {}.", "look at how {} they are."],
+    "EMNIST": ['a photo of the digit character: "{}".'],
+    "FashionMNIST": ["a photo of a {}.", "a photo of the {}."],
+    "KMNIST": ["a photo of the character {}."],
+    "Food101": ["a photo of {}, a type of food."],
+    "RenderedSST2": ["a {} review of a movie."],
+}
+
 #: Templates of the generated smoke-test datasets (``vision/synthetic.py``).
 SYNTHETIC_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {} image.")
 
@@ -69,6 +96,7 @@ _STATIC: dict[str, list[str]] = {
     "SUN397": _SUN397,
     "SVHN": _DIGITS,
     "Synthetic": list(SYNTHETIC_TEMPLATES),
+    **_SUITE,
 }
 
 

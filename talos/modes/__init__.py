@@ -5,7 +5,7 @@ To add a method: subclass :class:`FinetuneMode` in a new file here (override ``m
 """
 from .base import MODES, FinetuneMode, ModeContext, TrainState, get_mode, global_lowest, register_mode, run_order
 
-from . import standard, talos_mode, linear, lora, lota, ablations  # noqa: E402,F401  (registration)
+from . import standard, talos_mode, linear, lora, lota, ablations, imported  # noqa: E402,F401  (registration)
 
 __all__ = ["MODES", "FinetuneMode", "ModeContext", "TrainState", "get_mode", "global_lowest", "register_mode",
            "run_order"]

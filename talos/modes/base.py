@@ -27,6 +27,7 @@ class ModeContext:
     fisher_target: str = "logit"
     fisher_draws: int = 1
     max_batches: int | None = None
+    zero_score_entries: int = 0  # always-kept entries outside `eligible` in the global ranking (calibrate_masks)
     seed: int = 0
     progress: bool = True
     on_round: Callable[[int, float, Mapping[str, Tensor]], None] | None = None
@@ -68,6 +69,8 @@ class FinetuneMode:
     source_mode: str | None = None
     #: modes whose runs must exist first (LoTA needs standard)
     requires: tuple[str, ...] = ()
+    #: runs are trained by the domain's finetune.py (False: produced by another script, e.g. an importer)
+    trains = True
 
     def masks(self, ctx: ModeContext) -> dict[str, Tensor] | None:
         """Trainable-entry masks keyed by eligible parameter name, or None for dense training."""
@@ -85,6 +88,19 @@ class FinetuneMode:
             return TaskVector.from_state_dicts(theta0, {n: cur[n].detach().cpu() for n in names})
 
         return TrainState(ctx.model, trainable, masks, list(ctx.dense), task_vector)
+
+    def run_hparams(self, hparams: Mapping[str, Any], args: Any) -> dict[str, Any]:
+        """The hyperparameters that name this mode's run folders, from the domain's (default: all of them)."""
+        return dict(hparams)
+
+    def missing_hint(self, domain: str, args: Any, task: str) -> str:
+        """How to produce a missing run of ``task`` (part of the error the evaluation scripts raise)."""
+        return (f"run: python {domain}/finetune.py --train-dataset {task} --finetuning-mode {self.name} "
+                f"--model {args.model} --save {args.save} (with the same hyperparameters)")
+
+    def results_label(self, args: Any) -> str:
+        """This mode's row name in a shared results.json (``--results-json``)."""
+        return self.name
 
     def describe(self) -> str:
         """One line for ``--help``."""
@@ -106,7 +122,7 @@ def get_mode(name: str) -> FinetuneMode:
 
 
 def run_order() -> list[str]:
-    """Mode names ordered so that every mode comes after the modes it requires (launch scripts use it)."""
+    """Names of the modes finetune.py trains, each after the modes it requires (launch scripts use it)."""
     out: list[str] = []
 
     def visit(n: str) -> None:
@@ -118,7 +134,8 @@ def run_order() -> list[str]:
         out.append(n)
 
     for n in MODES.names():
-        visit(n)
+        if MODES.get(n).trains:
+            visit(n)
     return out
 
 

@@ -23,5 +23,5 @@ class TaLoS(FinetuneMode):
             ctx.model, ctx.calibration_batches(), ctx.forward_fn, sparsity=ctx.sparsity, rounds=ctx.rounds,
             soft_mask=ctx.soft_mask, params=ctx.eligible, target=ctx.fisher_target, draws=ctx.fisher_draws,
             max_batches=ctx.max_batches, generator=torch.Generator().manual_seed(ctx.seed),
-            progress=ctx.progress, callback=ctx.on_round,
+            progress=ctx.progress, callback=ctx.on_round, zero_score_entries=ctx.zero_score_entries,
         )

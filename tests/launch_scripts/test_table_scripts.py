@@ -13,6 +13,7 @@ import pytest
 
 from talos.merges import MERGES
 from talos.modes import run_order
+from vision.datasets import SUITES
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
@@ -30,11 +31,14 @@ def _stub(tmp_path: Path) -> Path:
     without paying a torch import per call.
     """
     modes, merges = " ".join(run_order()), " ".join(MERGES.names())
+    suites = "".join(f'if [ "$1" = "-c" ] && [[ "$2" == *suite* ]] && [ "$3" = {k} ]; then echo {" ".join(v)}; exit; fi\n'
+                     for k, v in SUITES.items())
     stub = tmp_path / "python"
     stub.write_text(
         "#!/usr/bin/env bash\n"
         f'if [ "$1" = "-c" ] && [[ "$2" == *run_order* ]]; then echo {modes}; exit; fi\n'
         f'if [ "$1" = "-c" ] && [[ "$2" == *MERGES* ]]; then echo {merges}; exit; fi\n'
+        + suites +
         'if [ "$1" = "-c" ]; then echo "unexpected snippet: $2" >&2; exit 9; fi\n'
         'echo "${CUDA_VISIBLE_DEVICES:-all}|$*" >> "$STUB_LOG"\n'
         'if [ -n "${FAIL_ON:-}" ] && [[ " $* " == *" $FAIL_ON "* ]]; then exit 3; fi\n'
@@ -43,11 +47,11 @@ def _stub(tmp_path: Path) -> Path:
     return stub
 
 
-def _run(domain: str, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _run(domain: str, tmp_path: Path, *extra: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     script, args, _ = SCRIPTS[domain]
     log = tmp_path / "calls.log"
     full_env = {**os.environ, "PYTHON": str(_stub(tmp_path)), "STUB_LOG": str(log), **env}
-    out = subprocess.run(["bash", str(ROOT / "launch_scripts" / script), *args, str(tmp_path / "runs")],
+    out = subprocess.run(["bash", str(ROOT / "launch_scripts" / script), *args, str(tmp_path / "runs"), *extra],
                          env=full_env, capture_output=True, text=True, timeout=120)
     return out, (log.read_text().splitlines() if log.exists() else [])
 
@@ -94,3 +98,20 @@ def test_torchrun_per_task(tmp_path):
     assert out.returncode == 0, out.stderr
     launches = [c for c in calls if "vision/finetune.py" in c]
     assert launches and all("-m torch.distributed.run --standalone --nproc_per_node=2" in c for c in launches)
+
+
+@pytest.mark.parametrize("suite", ["14", "20"])
+def test_vision_suite_argument(tmp_path, suite):
+    out, calls = _run("vision", tmp_path, suite, NGPU="0")
+    assert out.returncode == 0, out.stderr
+    tasks = SUITES[suite]
+    finetunes = [c for c in calls if "vision/finetune.py" in c]
+    assert sorted(c.split("--train-dataset ")[1].split()[0] for c in finetunes) == sorted(tasks * len(run_order()))
+    evals = [c for c in calls if "eval_" in c]
+    assert evals and all(f"--eval-datasets {','.join(tasks)} " in c for c in evals)
+    assert all(f"-suite{suite}-results.json" in c for c in evals)
+
+
+def test_vision_unknown_suite_stops_before_any_run(tmp_path):
+    out, calls = _run("vision", tmp_path, "13")
+    assert out.returncode != 0 and calls == []

@@ -48,7 +48,7 @@ def test_pipeline_end_to_end(synth, tmp_path):
         assert (d / f).exists(), f
     assert not (d / "checkpoint.pt").exists()
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["args"]["fisher_target"] == "log_prob" and cfg["hparams"]["accumulation"] == 2
+    assert cfg["args"]["fisher_target"] == "logit" and cfg["hparams"]["accumulation"] == 2
     assert cfg["versions"]["transformers"] and "git_commit" in cfg
     for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
         eval_task_addition.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
@@ -192,9 +192,9 @@ def test_distributed_finetune_and_eval_write_one_copy(synth, tmp_path):
     synth = (str(synth[0]), str(synth[1]))
     mp.start_processes(_nlp_worker, args=(2, port, synth, save, results), nprocs=2, join=True, start_method="spawn")
     d = run_dir(save, "talos", "synth_qa")
-    assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["calibration.json", "config.json", "finetuned.safetensors", "mask.safetensors", "metrics.json",
-         "task_vector.safetensors"])
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(  # (.lock: the run lock)
+        ["calibration.json", "config.json", "finetuned.safetensors", "manifest.json", "mask.safetensors",
+         "metrics.json", "task_vector.safetensors"])
     assert json.loads((d / "config.json").read_text())["world_size"] == 2
     sharded = json.loads(results.read_text())["single_task"]["talos"]
     # one process, same task vector: the same accuracy as two ranks each scoring half of the examples
@@ -207,3 +207,22 @@ def test_distributed_finetune_and_eval_write_one_copy(synth, tmp_path):
     m1 = load_tensors(run_dir(tmp_path / "one", "talos", "synth_qa") / "mask.safetensors")
     m2 = load_tensors(d / "mask.safetensors")
     assert all(torch.equal(m1[n], m2[n]) for n in m1)
+
+
+def test_hash_of_the_real_default_configuration_is_pinned(monkeypatch):
+    """t5-base on qasc with the default flags: the official Fisher target and precision are in the hash."""
+    import nlp.models
+    from nlp import args as nargs
+    from nlp.common import RUNS
+
+    monkeypatch.setattr(nlp.models, "check_model_name", lambda name, cache_dir=None: "seq2seq")  # no hub read
+
+    def run(*extra):
+        a = nargs.parse_args(["--train-dataset", "qasc", "--device", "cpu", *extra], need_train_dataset=True)
+        return RUNS.finetune(a, "qasc")
+
+    talos_run, std_run = run(), run("--finetuning-mode", "standard")
+    assert talos_run.hparams["fisher_target"] == "logit" and talos_run.hparams["precision"] == "fp32"
+    assert (talos_run.hash, std_run.hash) == ("d343a0198d", "93847dad32")
+    assert run("--precision", "bf16").hash != talos_run.hash
+    assert run("--fisher-target", "log_prob").hash != talos_run.hash

@@ -141,3 +141,42 @@ def test_llama_family_rms_norms_and_rope_on_the_fast_path(synth, tok, caplog, ar
     ref = talos.fisher_scores_reference(model, batches, choice_log_likelihoods, params=eligible, target="log_prob",
                                         generator=torch.Generator().manual_seed(0))
     _close(fast, ref, eligible)
+
+
+def _official_nlp_scores(model, batches, names, generator):
+    """Transcription of the official nlp TaLoS scorer (nlp/pruners.py at b99d422): per batch, draw one choice
+    per example from Categorical(logits=choice scores), then one backward per example of the drawn choice's
+    summed log-likelihood itself (not its log-softmax), summing squared gradients."""
+    params = dict(model.named_parameters())
+    scores = {n: torch.zeros_like(params[n]) for n in names}
+    for batch in batches:
+        logits = choice_log_likelihoods(model, batch)  # [B, C]
+        drawn = talos.fisher.draw_labels(logits, 1, generator)  # same sampler as the library: [B, 1]
+        samples = logits.gather(1, drawn)
+        for i in range(logits.shape[0]):
+            grads = torch.autograd.grad(samples[i].sum(), [params[n] for n in names], retain_graph=True,
+                                        allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    scores[n] += g.pow(2)
+    return scores
+
+
+def test_nlp_default_fisher_target_is_the_official_rule(synth, tok):
+    from nlp.args import build_parser
+
+    default = build_parser().parse_args([]).fisher_target
+    assert default == "logit"
+    model, kind = tiny("talos-tiny-t5", tok)
+    loc = str(synth[0])
+    exs = get_examples("synth_qa", "val", data_location=loc)[:5]
+    col = RankCollator(tok, kind, 64, decoder_start_id(model, tok))
+    batches = [col(exs)]
+    names = eligible_parameters(model)
+    ours = talos.fisher_scores(model, batches, choice_log_likelihoods, params=names, target=default,
+                               generator=torch.Generator().manual_seed(3))
+    official = _official_nlp_scores(model, batches, names, torch.Generator().manual_seed(3))
+    _close(ours, official, names)
+    other = talos.fisher_scores(model, batches, choice_log_likelihoods, params=names, target="log_prob",
+                                generator=torch.Generator().manual_seed(3))
+    assert any(float((other[n] - official[n]).abs().max()) > 1e-3 * float(official[n].abs().max()) for n in names)

@@ -222,3 +222,37 @@ def test_synthetic_tasks_use_the_readers_formats(synth):
         assert len(get_examples(task, "test", data_location=loc)) == n_test
     ex = get_examples("synth_para", "train", data_location=loc)[0]
     assert ex.prompt.startswith("Determine if the following two sentences paraphrase") and ex.choices == ("No", "Yes")
+
+
+def test_super_glue_loads_the_main_revision_before_the_parquet_export(monkeypatch):
+    hub = FakeHub({"train": 3, "validation": 40})
+    monkeypatch.setattr(D, "_load_hub_split", hub)
+    D.clear_cache()
+    get_rows("rte", "train", data_location=None)
+    assert hub.calls == [("aps/super_glue", "rte", False, "train")]  # main worked: no export needed
+    hub = FakeHub({"train": 3, "validation": 40}, fail_first=True)
+    monkeypatch.setattr(D, "_load_hub_split", hub)
+    D.clear_cache()
+    get_rows("wsc", "train", data_location=None)
+    assert [c[2] for c in hub.calls] == [False, True]
+
+
+@pytest.mark.parametrize("layout", ["data/{split}-0000{i}-of-00002.parquet", "default/{split}/000{i}.parquet"])
+def test_storycloze_accepts_a_sharded_parquet_copy(tmp_path, layout):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hf_columns = ["story_id", "input_sentence_1", "input_sentence_2", "input_sentence_3", "input_sentence_4",
+                  "sentence_quiz1", "sentence_quiz2", "answer_right_ending"]
+    for split, n in (("validation", 4), ("test", 40)):
+        for i in range(2):  # two shards, read in order
+            rows = [[f"{split}-{i}-{k}", "a", "b", "c", "d", "e1", "e2", 1 + k % 2] for k in range(n // 2)]
+            path = tmp_path / layout.format(split=split, i=i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({c: [r[j] for r in rows] for j, c in enumerate(hf_columns)}), path)
+    D.clear_cache()
+    kw = {"data_location": None, "storycloze_dir": str(tmp_path)}
+    train = get_rows("story_cloze", "train", **kw)
+    assert [r["story_id"] for r in train] == ["validation-0-0", "validation-0-1", "validation-1-0", "validation-1-1"]
+    assert len(get_rows("story_cloze", "val", **kw)) == 32 and len(get_rows("story_cloze", "test", **kw)) == 8
+    assert [e.label for e in get_examples("story_cloze", "train", **kw)] == [0, 1, 0, 1]

@@ -153,7 +153,8 @@ def test_gradient_drift_hand_case_and_train_hook():
 def _args(tmp_path, **over):
     base = dict(figure="accuracy_ratio", eval_datasets=["A", "B"], modes=None, pair=None, alphas=None, split="test",
                 max_examples=None, prune_fraction=None, sparsities=[0.9], force=False, save=str(tmp_path), seed=0,
-                model="m", finetuning_mode="talos", sparsity=0.9, n_eval_points=3, merge="sum")
+                model="m", finetuning_mode="talos", sparsity=0.9, n_eval_points=3, merge="sum",
+                merge_variant="official")
     base.update(over)
     return argparse.Namespace(**base)
 

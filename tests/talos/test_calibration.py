@@ -160,3 +160,23 @@ def test_radix_kth_smallest_equals_kthvalue(kind):
     }[kind]()
     for k in (1, 2, n // 10, n // 2, n - 1, n):
         assert _kth_smallest(x, k).item() == torch.kthvalue(x, k).values.item()
+
+
+def test_zero_score_entries_act_like_an_unused_eligible_tensor():
+    """The official vision code also scores the text tower's leftover ln_final (gradient 0, so always kept):
+    counting its entries with zero_score_entries gives the same masks as scoring a real unused tensor."""
+    torch.manual_seed(0)
+    model, data = ToyViT(), image_batches(2, 4)
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(37)))  # never touched by forward
+    names = [n for n, _ in model.named_parameters() if n != "unused"]
+    kw = dict(sparsity=0.9, rounds=4, progress=False)
+    with_unused = calibrate_masks(model, data, fwd, params=names + ["unused"],
+                                  generator=torch.Generator().manual_seed(1), **kw)
+    counted = calibrate_masks(model, data, fwd, params=names, zero_score_entries=37,
+                              generator=torch.Generator().manual_seed(1), **kw)
+    assert bool(with_unused["unused"].all())
+    assert all(torch.equal(with_unused[n], counted[n]) for n in names)
+    plain = calibrate_masks(model, data, fwd, params=names, generator=torch.Generator().manual_seed(1), **kw)
+    N = sum(m.numel() for m in plain.values())
+    kept = lambda m: sum(int(x.sum()) for x in m.values())  # noqa: E731
+    assert kept(counted) == kept_count(0.1, N + 37) - 37 != kept(plain)

@@ -129,3 +129,32 @@ def test_run_commands_calls_each_scripts_main_in_order(tmp_path, monkeypatch, ca
     assert mod.CALLS[-1] == ["--fail"]
     with pytest.raises(ValueError, match="expected"):
         run_commands.run_line("-m something")
+
+
+def test_device_cuda_without_cuda_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        cli.resolve_device(argparse.Namespace(device="cuda", precision=None))
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        cli.resolve_device(argparse.Namespace(device="cuda:1", precision="fp32"))
+    with pytest.raises(ValueError, match="unknown --device"):
+        cli.resolve_device(argparse.Namespace(device="gpu", precision=None))
+
+
+def test_default_device_never_falls_back_silently_on_a_gpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "nvidia_gpu_present", lambda: True)  # a GPU whose CUDA failed to load
+    with pytest.raises(ValueError, match="pass --device cpu"):
+        cli.resolve_device(argparse.Namespace(device=None, precision=None))
+    a = argparse.Namespace(device="cpu", precision=None)  # the CPU on purpose
+    cli.resolve_device(a)
+    assert (a.device, a.precision) == ("cpu", "fp32")
+    monkeypatch.setattr(cli, "nvidia_gpu_present", lambda: False)  # a CPU machine
+    b = argparse.Namespace(device=None, precision=None)
+    cli.resolve_device(b)
+    assert (b.device, b.precision) == ("cpu", "fp32")
+
+
+def test_scripts_print_device_and_precision_first(capsys):
+    cli.parse_validated(_parser(), _validate, ["--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[0] == "device: cpu (cpu), precision: fp32"

@@ -159,4 +159,4 @@ def test_lora_bad_settings_raise():
 
 def test_every_mode_is_exercised_here_or_in_the_cli_test():
     assert set(MODES.names()) == {"standard", "talos", "linear", "posthoc", "lora", "llora", "lota",
-                                  "random_mask", "magnitude_mask"}
+                                  "random_mask", "magnitude_mask", "imported"}  # imported: test_import_checkpoints

@@ -260,3 +260,31 @@ def test_per_task_table_rows() -> None:
     assert per_task_table("negation", neg) == (["task", "target", "control", "coef"], [["a", 0.1, 0.9, 0.4]])
     with pytest.raises(ValueError, match="valid choices"):
         per_task_table("nope", {})
+
+
+def test_official_addition_normalises_by_the_merges_own_single_task_edits() -> None:
+    """The official merge scripts divide by ``*_ft_accuracies.json``: the accuracy of the merge's single-task edit
+    at coefficient 1, not the fine-tuned accuracy passed in. 'Accuracy' is a readout of the edit's L1 norm."""
+    from talos.evaluation import task_addition
+    from talos.merges import normalizer_edits
+    from talos.task_vector import TaskVector
+
+    vectors = {"a": TaskVector({"w": torch.tensor([3.0, -1.0, 0.5, 0.1])}),
+               "b": TaskVector({"w": torch.tensor([0.2, 2.0, -0.1, 0.05])})}
+
+    def evaluate(edit, task, split):
+        return 0.1 if edit is None else min(1.0, 0.1 + float(edit["w"].abs().sum()) / 10)
+
+    finetuned = {s: {"a": 0.9, "b": 0.8} for s in ("val", "test")}
+    kw = {"variant": "official", "k": 0.5}
+    res = task_addition(evaluate, vectors, finetuned, merge_method="ties", merge_kwargs=kw, n_points=3)
+    norm = normalizer_edits("ties", vectors, **kw)
+    want = {t: evaluate(norm[t], t, "test") for t in vectors}
+    assert res["normalizer"] == "merge_single_task" and res["normalizer_accuracy"]["test"] == want
+    assert want != finetuned["test"]
+    for t, row in res["per_task"].items():
+        assert row["normalized"] == pytest.approx(row["absolute"] / want[t])
+    paper = task_addition(evaluate, vectors, finetuned, merge_method="ties", merge_kwargs={"k": 0.5}, n_points=3)
+    assert paper["normalizer"] == "finetuned"
+    for t, row in paper["per_task"].items():
+        assert row["normalized"] == pytest.approx(row["absolute"] / finetuned["test"][t])
