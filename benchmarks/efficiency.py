@@ -952,6 +952,39 @@ def markdown(result: dict, baseline: dict | None = None, baseline_name: str = "b
     return "\n".join(lines) + "\n"
 
 
+def calibration_only(cfg: Config, pairs: list, n: int, isolation: str, out: str) -> dict:
+    """Time only the TaLoS calibration, ``n`` runs per backbone; per-run ratios and their median."""
+    res: dict[str, Any] = {"device": _device_name(cfg), "preset": cfg.preset, "runs": n, "env": _env(),
+                           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "calibration": {}}
+    work = Path(tempfile.mkdtemp(prefix="talos_calibration_"))
+    try:
+        for vspec, nspec in pairs:
+            for d, spec in (("vision", vspec), ("nlp", nspec)):
+                if spec is None:
+                    continue
+                (work / d).mkdir(exist_ok=True)
+                job = {"config": cfg.to_dict(), "domain": d, "spec": asdict(spec), "workdir": str(work / d),
+                       "kind": "calibration"}
+                rows = []
+                for i in range(n):
+                    r = _run_isolated(job, isolation, print)
+                    if "error" in r:
+                        raise RuntimeError(r["error"])
+                    r["ratio"] = r["per_example_s"] / r["plain_fwdbwd_per_example_s"]
+                    rows.append(r)
+                    print(f"[{d}] {spec.name} run {i + 1}/{n}: {_fmt_cal(r)} -> {r['ratio']:.3f}x plain", flush=True)
+                med = statistics.median(r["ratio"] for r in rows)
+                res["calibration"][f"{d}:{spec.name}"] = {"median_ratio": med, "runs": rows}
+                print(f"[{d}] {spec.name}: median calibration / plain = {med:.3f}x over {n} runs", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from talos.io import atomic_write_json
+
+    atomic_write_json(out, res)
+    print(f"wrote {out}")
+    return res
+
+
 def _pairs(cfg: Config, domains: list[str]) -> list[tuple[VisionSpec | None, NLPSpec | None]]:
     vs = cfg.vision if "vision" in domains else []
     ns = cfg.nlp if "nlp" in domains else []
@@ -982,6 +1015,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--baseline", default=None,
                    help="a result JSON of the same preset (e.g. without --grad-checkpointing): adds a table of "
                         "time and memory ratios against it")
+    p.add_argument("--calibration-only", type=int, default=0, metavar="N",
+                   help="only time the TaLoS calibration, N times per domain (each in its own process); prints the "
+                        "per-run ratios to a plain forward+backward and their median, writes --out "
+                        "(default benchmarks/results/calibration_<preset>.json)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print its result
     args = p.parse_args(argv)
 
@@ -1012,6 +1049,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pairs = _pairs(cfg, domains)
     if args.isolation == "fork":
         preload(domains)
+    if args.calibration_only:
+        return [calibration_only(cfg, pairs, args.calibration_only, args.isolation,
+                                 args.out or str(ROOT / "benchmarks" / "results" / f"calibration_{args.preset}.json"))]
     results = []
     for vspec, nspec in pairs:
         res = run_pair(cfg, vspec, nspec, isolation=args.isolation)
