@@ -35,6 +35,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 #: in-place operations replayable out of place (their gradient w.r.t. the added tensor ignores the target)
 _INPLACE_ADD = {"add_": "add", "sub_": "sub", "__iadd__": "__add__", "__isub__": "__sub__"}
+#: operations that may give a batch-free tensor its batch dim from a size argument
+_EXPANDING = {"expand", "broadcast_to", "repeat", "tile"}
 #: more batch-free tensors than this derived from one parameter means the batch was not found: give up on it
 _MAX_TAINTED = 512
 
@@ -87,9 +89,22 @@ class DirectTracker(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.tainted and (args or kwargs):
+        if self.tainted and self._touches(args) or (kwargs and self._touches(kwargs.values())):
             self._observe(func, args, kwargs, out)
         return out
+
+    def _touches(self, xs) -> bool:
+        """Cheap pre-check (every op of the forward passes here): a tainted tensor among ``xs`` or one level down."""
+        t = self.tainted
+        for x in xs:
+            if isinstance(x, Tensor):
+                if id(x) in t:
+                    return True
+            elif isinstance(x, (list, tuple)):
+                for y in x:
+                    if isinstance(y, Tensor) and id(y) in t:
+                        return True
+        return False
 
     def _observe(self, func, args, kwargs, out) -> None:
         flat, spec = tree_flatten((args, kwargs))
@@ -107,9 +122,11 @@ class DirectTracker(TorchFunctionMode):
         batch_arg = any(x.dim() >= 1 and x.shape[0] == B for x in others)
         tainted_b = any(flat[k].dim() >= 1 and flat[k].shape[0] == B for k in hits)
         o = outs[0]
-        batched = o.dim() >= 1 and o.shape[0] == B and (batch_arg or not tainted_b)
+        # batched: a batch-first argument, or a size argument B of an expanding op (a permute of [H, T, T]
+        # position biases with H == B is not batched)
+        batched = o.dim() >= 1 and o.shape[0] == B and (batch_arg or (name in _EXPANDING and not tainted_b))
         if not batched:
-            seq_first = any(x.dim() >= 2 and x.shape[1] == B and x.shape[0] != B for x in others + outs)
+            seq_first = any(x.dim() >= 2 and x.shape[1] == B and x.shape[0] != B for x in others)
             if seq_first or name in _INPLACE_ADD or name.endswith("_"):
                 self.broken |= names  # a batch off dim 0, or a tainted tensor modified in place
                 return
@@ -204,12 +221,15 @@ def direct_scores(
     for s in range(0, B, step):
         n = min(step, B - s)
         per_u: dict[int, Tensor] = {}  # tainted tensor id -> [n, *u.shape]
-        for u, i in zip(uses, range(len(uses))):
+        for i, u in enumerate(uses):
             g = grads.get(i)
             if g is None:
                 continue
             for k, gu in zip(u.keys, _replay_grads(u, g[s : s + n], slice(s, s + n))):
-                per_u[k] = gu if k not in per_u else per_u[k] + gu
+                if k in per_u:
+                    per_u[k].add_(gu)
+                else:
+                    per_u[k] = gu.contiguous()
         direct = {by_leaf[k]: v for k, v in per_u.items() if k in by_leaf}
         chain = [(tracker.tainted[k][0], v) for k, v in per_u.items() if k not in by_leaf]
         if chain:
@@ -220,8 +240,9 @@ def direct_scores(
                 if gl is not None:
                     direct[m] = gl if m not in direct else direct[m] + gl
         for m, pe in direct.items():
-            pe = pe.float()
-            scores[m] += pe.square().sum(0)
+            pe = pe.float().reshape(n, *scores[m].shape)
+            for j in range(n):  # fused square-and-accumulate, no [n, ...] temporary
+                scores[m].addcmul_(pe[j], pe[j])
             sums[m] += pe.sum(0)
     bad = set()
     for m, ref in batch_grads.items():
