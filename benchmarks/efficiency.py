@@ -28,7 +28,8 @@ task vector of a few real dense ``standard`` steps (``--lota-steps``; only the m
 the ablations from their own ``masks``. ``posthoc`` trains nothing (it evaluates ``standard``'s task vectors
 through the linearized model): its row is n/a and names the mode whose cost it reuses.
 
-Calibration (per example): TaLoS's whole calibration (``rounds`` Fisher passes with soft masks and global
+Calibration (per example; on CPU with one thread timed in CPU time of that thread, so other processes on
+shared cores do not inflate it): TaLoS's whole calibration (``rounds`` Fisher passes with soft masks and global
 thresholds) / (rounds x examples), after a warm-up forward+backward and Fisher pass, next to one plain
 forward+backward (eval mode, gradients of the eligible tensors; timed between the calibration rounds and after
 them, so both see the same machine load) and the anchor algorithm of the official code (one batched forward,
@@ -459,6 +460,8 @@ def job_calibration(job: dict, cfg: Config) -> dict:
     from talos.modes import get_mode
 
     b = build_bench(job["domain"], job["spec"], cfg)
+    # one torch thread on CPU: CPU time of this thread, which other processes on shared cores do not inflate
+    clock = time.thread_time if cfg.device == "cpu" and cfg.threads == 1 else time.perf_counter
     model = b.model
     named = dict(model.named_parameters())
     leaves = [named[n] for n in b.eligible]
@@ -473,21 +476,21 @@ def job_calibration(job: dict, cfg: Config) -> dict:
         for p in leaves:
             p.requires_grad_(True)
         model.eval()
-        t_all = time.perf_counter()
+        t_all = clock()
         with torch.enable_grad():
             for batch in batches:
                 _sync(cfg)
-                t = time.perf_counter()
+                t = clock()
                 out = b.forward_fn(model, batch)
                 torch.autograd.grad(out.float().logsumexp(-1).sum(), leaves, allow_unused=True)
                 del out
                 _sync(cfg)
                 if record:
-                    plain_times.append((time.perf_counter() - t) / _batch_size(batch))
+                    plain_times.append((clock() - t) / _batch_size(batch))
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(training)
-        return time.perf_counter() - t_all
+        return clock() - t_all
 
     plain_passes(b.calib_batches[:1], record=False)  # warm-up (allocator, kernels) before anything is timed
     # and one Fisher pass: a process's first scoring pays one-off page faults while its heap grows, which a
@@ -504,10 +507,10 @@ def job_calibration(job: dict, cfg: Config) -> dict:
     ctx = make_context(b, cfg)
     ctx.on_round = on_round
     _sync(cfg)
-    t0 = time.perf_counter()
+    t0 = clock()
     masks = get_mode("talos").masks(ctx)
     _sync(cfg)
-    total = time.perf_counter() - t0 - in_rounds[0]
+    total = clock() - t0 - in_rounds[0]
     peak = torch.cuda.max_memory_allocated() / MB if cfg.device.startswith("cuda") else _rss_mb("VmHWM")
     _save_masks(Path(job["workdir"]) / "talos.safetensors", masks)
     for _ in range(cfg.plain_repeats):
@@ -526,27 +529,27 @@ def job_calibration(job: dict, cfg: Config) -> dict:
     scores = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
     gen = torch.Generator().manual_seed(cfg.seed)
     _sync(cfg)
-    t = time.perf_counter()
+    t = clock()
     out = b.forward_fn(model, batch)
     obj = per_example_objective(out, draw_labels(out, 1, gen), b.fisher_target)
     _sync(cfg)
-    t_fwd = time.perf_counter() - t
+    t_fwd = clock() - t
     bwd = []
     for i in range(k):
-        t = time.perf_counter()
+        t = clock()
         gs = torch.autograd.grad(obj[i, 0], leaves, retain_graph=True, allow_unused=True)
         for s, gr in zip(scores, gs):
             if gr is not None:
                 s += gr.float().square()
         _sync(cfg)
-        bwd.append(time.perf_counter() - t)
+        bwd.append(clock() - t)
     del out, obj
     return {
         "per_example_s": total / (cfg.rounds * b.n_calib),
         "plain_fwdbwd_per_example_s": statistics.median(plain_times),
         "anchor_per_example_s": t_fwd / B + statistics.mean(bwd),
         "total_s": total, "rounds": cfg.rounds, "examples": b.n_calib, "batch": B,
-        "anchor_backwards_timed": k, "peak_mem_mb": peak,
+        "anchor_backwards_timed": k, "peak_mem_mb": peak, "clock": clock.__name__,
         "frozen_tensors": sum(not bool(m.any()) for m in masks.values()),
         "density": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
     }

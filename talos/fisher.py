@@ -75,6 +75,8 @@ class _Workspace:
 
 #: On CPU, per-example gradient blocks of at least this many elements are formed one example at a time.
 _CPU_PER_EXAMPLE_MIN = 2**16
+#: ... in blocks of output rows of about this many float32 elements (1 MiB: fits the per-core L2 cache)
+_CPU_ROW_BLOCK = 2**18
 
 
 def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
@@ -93,13 +95,18 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
     out = torch.zeros(O, I, dtype=torch.float32, device=g.device)
     gt = g.transpose(1, 2)  # (B, O, T)
     if g.device.type == "cpu" and O * I >= _CPU_PER_EXAMPLE_MIN:
-        # CPU, large blocks: one example at a time into a reused buffer, squared and accumulated in one fused
-        # pass (addcmul_). 15-40% faster than chunked bmm + square_ + sum(0), which streams every block
-        # through memory three times once blocks outgrow the caches; never more memory than a chunk.
-        pe = ws.get(O * I, g.device)[: O * I].view(O, I)
-        for i in range(B):
-            torch.mm(gt[i], a[i], out=pe)  # per-example gradient (O, I)
-            out.addcmul_(pe, pe)
+        # CPU, large blocks: one example at a time, squared and accumulated in one fused pass (addcmul_), over
+        # blocks of output rows of about 1 MiB so that the accumulator block stays in cache across the examples
+        # (about 1.5x faster than whole-matrix per-example blocks, which stream [O, I] through memory B times).
+        gt = gt.contiguous()
+        rb = max(8, min(O, _CPU_ROW_BLOCK // I))
+        pe = ws.get(rb * I, g.device)[: rb * I].view(rb, I)
+        for r0 in range(0, O, rb):
+            ob = out[r0 : r0 + rb]
+            p = pe[: ob.shape[0]]
+            for i in range(B):
+                torch.mm(gt[i, r0 : r0 + rb], a[i], out=p)  # rows r0.. of example i's gradient
+                ob.addcmul_(p, p)
         return out
     step = max(1, min(B, ws.chunk_elements // max(1, O * I)))
     buf = ws.get(step * O * I, g.device)
