@@ -10,7 +10,9 @@ layer norms). Default rows (``--models``, batch ``--default-batch``): every para
 positional embeddings and ``proj`` used directly in its forward), a transformers ``CLIPVisionModel`` (width 192,
 4 layers, 112 px; class embedding, position embedding of shared ids) with a linear head, and next-token logits
 of T5 (tied word embeddings, relative position biases), GPT-2 (``Conv1D``, tied embeddings) and a tiny Llama
-(RMS norms), all width 192, 4 layers, 32 tokens, vocabulary 2048, random init. All three algorithms run in
+(RMS norms), all width 192, 4 layers, 24 tokens, vocabulary 2048, random init. (24, not 32: batch
+detection is by shape, so a batch-free layer input whose leading dim equals the batch size, T5's [T, T]
+relative-position buckets with T == B, would be taken as batched; see talos.fisher's docstring.) All three algorithms run in
 this one process on the same batch, interleaved, so the ratios are comparable; the anchor (one backward per
 example through the whole batch graph) is the official code's algorithm, and exactness is checked against it
 (the tests check it against a brute-force one-example-at-a-time loop).
@@ -66,7 +68,7 @@ def _hf_clip(B: int):
     return Classifier(), torch.randn(B, 3, 112, 112)
 
 
-def _text_batch(B: int, T: int = 32, V: int = 2048) -> torch.Tensor:
+def _text_batch(B: int, T: int = 24, V: int = 2048) -> torch.Tensor:
     return torch.randint(0, V, (B, T))
 
 

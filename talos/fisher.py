@@ -21,6 +21,10 @@ use that could not be followed) falls back to an exact per-example backward loop
 with a warning naming them; never to an approximation. Rules for more module types are added with
 :func:`register_per_example_rule`; transformers' ``Conv1D`` and common RMS norms are built in, matched by
 class name (:data:`RMS_NORM_CLASSES`), so neither transformers nor an adapter is imported for them.
+
+Known limit: where the batch lives is read from shapes (dim 0 == B, else dim 1: sequence-first). A batch-free
+layer input whose leading dim happens to equal B (T5's [T, T] relative-position buckets when T == B) is taken
+as batched and scored wrongly by its layer rule; [1, T] shared position ids are recognised whatever T is.
 """
 from __future__ import annotations
 
@@ -556,7 +560,9 @@ def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recor
                 # linear map of learned queries): its parameters are followed through the ops instead
                 x = _first_tensor(args, kwargs)
                 if rec.active and rec.B is not None and isinstance(x, Tensor) and x.dim() >= 1:
-                    if x.shape[0] != rec.B and not (x.dim() >= 2 and x.shape[1] == rec.B):
+                    # [1, T] position ids are shared even when T == B; [T, B, ...] is sequence-first
+                    seq_first = x.dim() >= 2 and x.shape[1] == rec.B and x.shape[0] != 1
+                    if x.shape[0] != rec.B and not seq_first:
                         rec.followed[key] = list(names.values())
                         _follow(rec, plan, names.values())
 

@@ -126,7 +126,7 @@ class DirectTracker(TorchFunctionMode):
         # position biases with H == B is not batched)
         batched = o.dim() >= 1 and o.shape[0] == B and (batch_arg or (name in _EXPANDING and not tainted_b))
         if not batched:
-            seq_first = any(x.dim() >= 2 and x.shape[1] == B and x.shape[0] != B for x in others)
+            seq_first = any(x.dim() >= 2 and x.shape[1] == B and x.shape[0] not in (B, 1) for x in others)
             if seq_first or name in _INPLACE_ADD or name.endswith("_"):
                 self.broken |= names  # a batch off dim 0, or a tainted tensor modified in place
                 return

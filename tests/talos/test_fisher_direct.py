@@ -61,7 +61,8 @@ def test_hf_clip_vision_embeddings_class_token_and_shared_position_ids():
             return self.head(self.clip(pixel_values=x).pooler_output)
 
     model = Clf()
-    rep = _check(model, [torch.randn(4, 3, 16, 16), torch.randn(2, 3, 16, 16)], lambda m, b: m(b))
+    # 5 tokens (4 patches + class token): the batch of 5 has position ids [1, 5] with T == B
+    rep = _check(model, [torch.randn(4, 3, 16, 16), torch.randn(5, 3, 16, 16)], lambda m, b: m(b))
     assert rep["fallback"] == set()
     # the class token, and the position embedding (an nn.Embedding called with position ids shared by the batch)
     assert rep["direct"] == {"clip.embeddings.class_embedding", "clip.embeddings.position_embedding.weight"}
