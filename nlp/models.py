@@ -1,5 +1,5 @@
-"""Language models for the NLP adapter: seq2seq (T5) and causal LMs, which parameters TaLoS may touch, and
-the exact per-example Fisher rules for the layer types transformers adds (T5/Llama RMS norms, GPT-2 Conv1D).
+"""Language models for the NLP adapter: seq2seq (T5) and causal LMs, and which parameters TaLoS may touch
+(the exact per-example Fisher rules for GPT-2's Conv1D and the T5/Llama RMS norms are built into talos.fisher).
 
 ``--model`` accepts ``t5-small`` / ``t5-base`` / ``t5-large`` (aliases of the ``google-t5`` hub repos), any
 hub id or local folder of a seq2seq (``AutoModelForSeq2SeqLM``) or causal (``AutoModelForCausalLM``: GPT-2,
@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 logger = logging.getLogger("talos")
 
@@ -136,7 +136,6 @@ def load_model(
         model = auto.from_pretrained(resolve_model_name(name), cache_dir=cache_dir, dtype=torch.float32,
                                      attn_implementation=attn_implementation)
     model.float()
-    register_fisher_rules(model)
     return model, kind
 
 
@@ -184,95 +183,20 @@ def eligible_parameters(model: nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exact per-example Fisher rules (talos.register_per_example_rule)
+# Exact per-example Fisher rules: GPT-2's Conv1D and the T5/Llama/Qwen RMS norms live in talos.fisher (matched by
+# class name at scoring time); these names are kept for existing callers.
 # ----------------------------------------------------------------------------------------------------------
-def _rms_eps(m: nn.Module) -> float:
-    eps = getattr(m, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(m, "eps")
-    return float(eps)
-
-
-def rms_norm_rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
-    """Per-example rule of y = w ⊙ x̂ with x̂ = x / sqrt(mean(x²) + eps) (no mean subtraction, fp32 variance).
-
-    ``inputs[0]`` and ``g`` are [B, ..., D]; the per-example gradient of w is Σ_tokens g ⊙ x̂ ([B, D]), whose
-    squares summed over the batch are returned. Same rule for T5LayerNorm and Llama/Qwen/Mistral RMS norms.
-    """
-    x = inputs[0].float()
-    xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _rms_eps(m))  # [B, ..., D]
-    B, D = x.shape[0], x.shape[-1]
-    per_example = (g.float() * xhat).reshape(B, -1, D).sum(1)  # [B, D]
-    return {"weight": per_example.square().sum(0)}
-
-
-def _conv1d_rule(ws: Any) -> Any:
-    """GPT-2 ``Conv1D``: y = x @ W + b with W [in, out], i.e. a linear layer with a transposed weight."""
-    from talos.fisher import sq_outer_sum
-
-    def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
-        B = g.shape[0]
-        a = inputs[0].reshape(B, -1, inputs[0].shape[-1])  # [B, T, in]
-        g3 = g.reshape(B, -1, g.shape[-1])  # [B, T, out]
-        # Σ_i (g_iᵀ a_i)² is [out, in]; the weight is stored [in, out]
-        return {"weight": sq_outer_sum(g3, a, ws).T.contiguous(), "bias": g3.float().sum(1).square().sum(0)}
-
-    return rule
-
-
-#: transformers classes computing exactly ``weight * rms_normalise(x)`` (module path, class name).
-RMS_NORM_CLASSES = (
-    ("transformers.models.t5.modeling_t5", "T5LayerNorm"),
-    ("transformers.models.mt5.modeling_mt5", "MT5LayerNorm"),
-    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
-    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
-    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
-    ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
-)
-_registered: set[type] = set()
-
-
-def _accepts_rms(m: nn.Module) -> bool:
-    w = getattr(m, "weight", None)
-    return isinstance(w, torch.Tensor) and w.dim() == 1 and getattr(m, "bias", None) is None
-
-
-def _register(cls: type, **kw: Any) -> None:
-    from talos.fisher import register_per_example_rule
-
-    if cls not in _registered:
-        register_per_example_rule(cls, **kw)
-        _registered.add(cls)
+from talos.fisher import RMS_NORM_CLASSES, rms_norm_rule  # noqa: E402,F401  (re-exported)
 
 
 def register_fisher_rules(model: nn.Module | None = None) -> list[str]:
-    """Register the NLP per-example rules with talos (idempotent); returns the class names covered.
-
-    GPT-2's ``Conv1D`` is registered on import. RMS norms are registered for the classes of ``model`` that are
-    listed in :data:`RMS_NORM_CLASSES` (``load_model`` does this), or, without a model, for every listed class
-    (importing their modeling files).
-    """
-    import importlib
-
-    from transformers.pytorch_utils import Conv1D
-
-    _register(Conv1D, factory=_conv1d_rule)
-    names = {cls_name for _, cls_name in RMS_NORM_CLASSES}
+    """Kept for compatibility: the rules are built into talos. Returns the transformers class names covered
+    (all of :data:`talos.fisher.RMS_NORM_CLASSES` and ``Conv1D``, or those present in ``model``)."""
+    names = sorted({q.rsplit(".", 1)[1] for q in RMS_NORM_CLASSES} | {"Conv1D"})
     if model is not None:
-        classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    else:
-        classes = set()
-        for module, cls_name in RMS_NORM_CLASSES:
-            try:
-                classes.add(getattr(importlib.import_module(module), cls_name))
-            except (ImportError, AttributeError):
-                continue
-    for cls in classes:
-        _register(cls, rule=rms_norm_rule, accepts=_accepts_rms)
-    return sorted(c.__name__ for c in _registered)
-
-
-register_fisher_rules(model=nn.Module())  # Conv1D now; norm classes when a model is loaded
+        present = {type(m).__name__ for m in model.modules()}
+        names = [n for n in names if n in present]
+    return names
 
 
 def lora_targets(model: nn.Module) -> dict[str, None]:

@@ -12,10 +12,19 @@ times. Here we use the structure of the layers instead:
 * per-example weight gradients are rebuilt from ``(a_i, g_i)`` layer by layer (``g_i^T a_i`` for a linear
   layer) in chunks of examples, squared and summed. Same FLOPs as the weight-gradient part of one backward.
 
-Layers without a rule (a parameter used directly in a parent's ``forward``, a module called twice, a tied
-weight, an in-place-modified output) fall back to an exact per-example backward loop for just those
-parameters; never to an approximation. Rules for more module types are added with
-:func:`register_per_example_rule` (the nlp adapter registers T5's RMS layer norm this way).
+Parameters without a layer rule (used directly in a parent's ``forward``: class tokens, positional
+embeddings, projections, scales, gates; an embedding called with ids shared by the batch; a tied weight) are
+followed through the operations that consume them up to where they meet the batch, and their per-example
+gradients are rebuilt from those operations' output gradients of the same single backward
+(:mod:`talos.fisher_direct`). Only what neither covers (a module called twice, an in-place-modified output, a
+use that could not be followed) falls back to an exact per-example backward loop for just those parameters,
+with a warning naming them; never to an approximation. Rules for more module types are added with
+:func:`register_per_example_rule`; transformers' ``Conv1D`` and common RMS norms are built in, matched by
+class name (:data:`RMS_NORM_CLASSES`), so neither transformers nor an adapter is imported for them.
+
+Known limit: where the batch lives is read from shapes (dim 0 == B, else dim 1: sequence-first). A batch-free
+layer input whose leading dim happens to equal B (T5's [T, T] relative-position buckets when T == B) is taken
+as batched and scored wrongly by its layer rule; [1, T] shared position ids are recognised whatever T is.
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .fisher_direct import DirectTracker, direct_scores
 
 logger = logging.getLogger("talos")
 
@@ -68,6 +79,8 @@ class _Workspace:
 
 #: On CPU, per-example gradient blocks of at least this many elements are formed one example at a time.
 _CPU_PER_EXAMPLE_MIN = 2**16
+#: ... in blocks of output rows of about this many float32 elements (1 MiB: fits the per-core L2 cache)
+_CPU_ROW_BLOCK = 2**18
 
 
 def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
@@ -86,13 +99,18 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
     out = torch.zeros(O, I, dtype=torch.float32, device=g.device)
     gt = g.transpose(1, 2)  # (B, O, T)
     if g.device.type == "cpu" and O * I >= _CPU_PER_EXAMPLE_MIN:
-        # CPU, large blocks: one example at a time into a reused buffer, squared and accumulated in one fused
-        # pass (addcmul_). 15-40% faster than chunked bmm + square_ + sum(0), which streams every block
-        # through memory three times once blocks outgrow the caches; never more memory than a chunk.
-        pe = ws.get(O * I, g.device)[: O * I].view(O, I)
-        for i in range(B):
-            torch.mm(gt[i], a[i], out=pe)  # per-example gradient (O, I)
-            out.addcmul_(pe, pe)
+        # CPU, large blocks: one example at a time, squared and accumulated in one fused pass (addcmul_), over
+        # blocks of output rows of about 1 MiB so that the accumulator block stays in cache across the examples
+        # (about 1.5x faster than whole-matrix per-example blocks, which stream [O, I] through memory B times).
+        gt = gt.contiguous()
+        rb = max(8, min(O, _CPU_ROW_BLOCK // I))
+        pe = ws.get(rb * I, g.device)[: rb * I].view(rb, I)
+        for r0 in range(0, O, rb):
+            ob = out[r0 : r0 + rb]
+            p = pe[: ob.shape[0]]
+            for i in range(B):
+                torch.mm(gt[i, r0 : r0 + rb], a[i], out=p)  # rows r0.. of example i's gradient
+                ob.addcmul_(p, p)
         return out
     step = max(1, min(B, ws.chunk_elements // max(1, O * I)))
     buf = ws.get(step * O * I, g.device)
@@ -223,9 +241,70 @@ if hasattr(nn, "RMSNorm"):
 register_per_example_rule(nn.Embedding, _embedding_rule, accepts=lambda m: m.max_norm is None)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Rules for layers of other libraries, matched by qualified class name at scoring time (so neither that library
+# nor a domain adapter has to be imported first, and `import talos` never imports them).
+# ----------------------------------------------------------------------------------------------------------
+def _rms_eps(m: nn.Module) -> float:
+    eps = getattr(m, "variance_epsilon", None)
+    return float(getattr(m, "eps") if eps is None else eps)
+
+
+def rms_norm_rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
+    """Per-example rule of y = w * x / sqrt(mean(x^2) + eps) (no mean subtraction, float32 variance).
+
+    ``inputs[0]`` and ``g`` are [B, ..., D]; the per-example gradient of w is sum_tokens g * xhat ([B, D]),
+    whose squares summed over the batch are returned. T5LayerNorm and the Llama/Qwen/Mistral RMS norms.
+    """
+    x = inputs[0].float()
+    xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _rms_eps(m))  # [B, ..., D]
+    B, D = x.shape[0], x.shape[-1]
+    per_example = (g.float() * xhat).reshape(B, -1, D).sum(1)  # [B, D]
+    return {"weight": per_example.square().sum(0)}
+
+
+def _accepts_rms(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 1 and getattr(m, "bias", None) is None
+
+
+def _conv1d_rule(ws: _Workspace) -> PerExampleRule:
+    """transformers' ``Conv1D`` (GPT-2): y = x @ W + b with W [in, out], a linear layer with a transposed weight."""
+
+    def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
+        a, g3 = _as_btd(inputs[0]), _as_btd(g)  # [B, T, in], [B, T, out]
+        # sum_i (g_i^T a_i)^2 is [out, in]; the weight is stored [in, out]
+        return {"weight": sq_outer_sum(g3, a, ws).T.contiguous(), "bias": g3.float().sum(1).square().sum(0)}
+
+    return rule
+
+
+#: transformers classes computing exactly ``weight * rms_normalise(x)`` (Gemma's ``1 + weight`` is not one).
+RMS_NORM_CLASSES = tuple(
+    f"transformers.models.{m}.modeling_{m}.{c}"
+    for m, c in (("t5", "T5LayerNorm"), ("mt5", "MT5LayerNorm"), ("llama", "LlamaRMSNorm"),
+                 ("mistral", "MistralRMSNorm"), ("qwen2", "Qwen2RMSNorm"), ("qwen3", "Qwen3RMSNorm"),
+                 ("mixtral", "MixtralRMSNorm"), ("phi3", "Phi3RMSNorm"))
+)
+_NAMED_RULES: dict[str, _RuleSpec] = {
+    "transformers.pytorch_utils.Conv1D": _RuleSpec(_conv1d_rule),
+    **{n: _RuleSpec(lambda _ws: rms_norm_rule, _accepts_rms) for n in RMS_NORM_CLASSES},
+}
+
+
+def register_per_example_rule_by_name(qualified_name: str, rule: PerExampleRule | None = None, *,
+                                      factory: Callable[[_Workspace], PerExampleRule] | None = None,
+                                      accepts: Callable[[nn.Module], bool] | None = None) -> None:
+    """Like :func:`register_per_example_rule`, for a class named ``module.QualName`` (not imported here)."""
+    if (rule is None) == (factory is None):
+        raise ValueError("give exactly one of rule= or factory=")
+    fac = factory if factory is not None else (lambda _ws, r=rule: r)
+    _NAMED_RULES[qualified_name] = _RuleSpec(fac, accepts or (lambda m: True))
+
+
 def _find_rule(m: nn.Module, ws: _Workspace) -> PerExampleRule | None:
     for cls in type(m).__mro__:
-        spec = _RULES.get(cls)
+        spec = _RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if spec is not None:
             return spec.factory(ws) if spec.accepts(m) else None
     return None
@@ -255,6 +334,7 @@ class _Plan:
     ruled: dict[int, tuple[nn.Module, PerExampleRule, dict[str, str]]] = field(default_factory=dict)
     mha: dict[int, tuple[nn.Module, dict[str, str]]] = field(default_factory=dict)
     fallback: list[str] = field(default_factory=list)  # static fallback names
+    direct: list[str] = field(default_factory=list)  # followed through the ops consuming them (fisher_direct)
 
 
 def _mha_supported(m: nn.MultiheadAttention) -> bool:
@@ -302,7 +382,7 @@ def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan
         attr = attr_of[(id(mod), id(p))]
         plan.targets[n] = _Target(n, mod, attr)
         if len(mods) > 1:  # tied weight: per-example grads of both uses must be summed before squaring
-            plan.fallback.append(n)
+            plan.direct.append(n)
         elif isinstance(mod, nn.MultiheadAttention):
             if _mha_supported(mod) and attr in ("in_proj_weight", "in_proj_bias"):
                 plan.mha.setdefault(id(mod), (mod, {}))[1][attr] = n
@@ -316,8 +396,8 @@ def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan
                 plan.fallback.append(n)
         else:
             rule = _find_rule(mod, ws)
-            if rule is None:
-                plan.fallback.append(n)
+            if rule is None:  # used directly in a parent's forward (tokens, embeddings, scales, gates)
+                plan.direct.append(n)
             else:
                 plan.ruled.setdefault(id(mod), (mod, rule, {}))[2][attr] = n
     return plan
@@ -344,9 +424,18 @@ class _Recorder:
         self.captures: list[_Capture] = []
         self.calls: dict[int, int] = {}
         self.invalid: set[int] = set()
+        self.B: int | None = None  # batch size: dim 0 of the first tensor the model is called with
+        self.tracker: DirectTracker | None = None
+        self.followed: dict[int, list[str]] = {}  # ruled modules called without batch: names followed instead
 
     def add(self, cap: _Capture) -> None:
         self.captures.append(cap)
+
+    def stop(self) -> None:
+        """End of the forward: record nothing more (checkpointed blocks re-run their forward in the backward)."""
+        self.active = False
+        if self.tracker is not None:
+            self.tracker.stop()
 
 
 def _mha_forward(
@@ -433,16 +522,52 @@ def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype) -> Tensor | Non
     return out
 
 
+def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+    return next((x for x in list(args) + list(kwargs.values()) if isinstance(x, Tensor)), None)
+
+
+def _follow(rec: _Recorder, plan: _Plan, names: Iterable[str]) -> None:
+    """Follow ``names`` through the operations of the rest of this forward (talos.fisher_direct)."""
+    if rec.B is None:
+        return
+    if rec.tracker is None:
+        rec.tracker = DirectTracker(rec.B)
+    for n in names:
+        rec.tracker.add_root(plan.targets[n].leaf(), n)
+    rec.tracker.start()
+
+
 @contextmanager
 def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recorder]:
     rec = _Recorder()
     handles = []
     patched = []
     try:
+
+        def root_pre(m, args, kwargs):
+            if rec.active and rec.B is None:
+                x = _first_tensor(args, kwargs)
+                if x is not None and x.dim() >= 1:
+                    rec.B = int(x.shape[0])
+                    if plan.direct:
+                        _follow(rec, plan, plan.direct)
+
+        handles.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
         for key, (mod, rule, names) in plan.ruled.items():
 
+            def pre(m, args, kwargs, key=key, names=names):
+                # a ruled layer called without the batch (an embedding of position ids shared by the batch, a
+                # linear map of learned queries): its parameters are followed through the ops instead
+                x = _first_tensor(args, kwargs)
+                if rec.active and rec.B is not None and isinstance(x, Tensor) and x.dim() >= 1:
+                    # [1, T] position ids are shared even when T == B; [T, B, ...] is sequence-first
+                    seq_first = x.dim() >= 2 and x.shape[1] == rec.B and x.shape[0] != 1
+                    if x.shape[0] != rec.B and not seq_first:
+                        rec.followed[key] = list(names.values())
+                        _follow(rec, plan, names.values())
+
             def hook(m, inputs, output, key=key, rule=rule, names=names):
-                if not rec.active:
+                if not rec.active or key in rec.followed:
                     return
                 rec.calls[key] = rec.calls.get(key, 0) + 1
                 if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
@@ -451,6 +576,7 @@ def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recor
                 ins = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
                 rec.add(_Capture(key, m, names, rule, ins, output, output._version))
 
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(hook))
         for key, (mha, names) in plan.mha.items():
             # An instance attribute shadows the class's forward for this call only; removed in `finally`.
@@ -459,6 +585,8 @@ def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recor
             patched.append((mha, previous))
         yield rec
     finally:
+        if rec.tracker is not None:
+            rec.tracker.stop()
         for h in handles:
             h.remove()
         for mha, previous in patched:
@@ -529,12 +657,15 @@ def _score_batches(
     batch_generator: Callable[[int], torch.Generator] | None = None,
     owns: Callable[[int], bool] | None = None,
     totals: dict[str, Tensor] | None = None,
+    report: dict[str, set[str]] | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Score ``batches``; returns per-parameter sums and the number of batches scored.
 
     ``batch_generator(b)`` gives the label-draw generator of batch ``b`` (instead of one shared
     ``generator``), ``owns(b)`` skips batches another rank scores, and ``totals`` (float64) receives each
     batch's float32 scores once the batch is done, so the sum does not depend on how batches are split.
+    ``report["fallback"]`` / ``report["direct"]`` receive the names scored by the per-example backward loop
+    and by the operations consuming them (talos.fisher_direct).
     """
     scores = {n: torch.zeros_like(t.leaf(), dtype=torch.float32) for n, t in plan.targets.items()}
     warned: set[str] = set()
@@ -553,7 +684,7 @@ def _score_batches(
             # The recording hooks and the observable MHA forwards stay installed until this batch's gradients
             # are taken, but record nothing more: under (non-reentrant) activation checkpointing the backward
             # re-runs the forward of checkpointed blocks, which must execute the same code as the first time.
-            rec.active = False
+            rec.stop()
             if out.dim() != 2:
                 raise ValueError(
                     f"forward_fn must return per-example class scores [B, C], got shape {tuple(out.shape)}"
@@ -561,27 +692,7 @@ def _score_batches(
             B = out.shape[0]
             labels = draw_labels(out, draws, generator)
             obj = per_example_objective(out, labels, target)  # (B, draws)
-
-            # Captures that cannot be trusted (module called twice, output modified in place, batch dim not found)
-            # send their parameters to the exact fallback for this batch.
-            bad = set(rec.invalid) | {k for k, c in rec.calls.items() if c > 1}
-            for c in rec.captures:
-                if c.output._version != c.version or not c.output.requires_grad or _batch_dim(c.output, B) is None:
-                    bad.add(c.key)
-            for mha, _ in plan.mha.values():  # an MHA and its out_proj stand or fall together
-                if id(mha) in bad or id(mha.out_proj) in bad:
-                    bad.update((id(mha), id(mha.out_proj)))
-            good = [c for c in rec.captures if c.key not in bad]
-            fallback = list(plan.fallback)
-            for c in rec.captures:
-                if c.key in bad:
-                    fallback += list(c.names.values())
-            for key in bad:
-                if key in plan.ruled:
-                    fallback += list(plan.ruled[key][2].values())
-                elif key in plan.mha:
-                    fallback += list(plan.mha[key][1].values())
-            fallback = list(dict.fromkeys(fallback))
+            good, uses, direct, fallback = _triage(plan, rec, B)
             new = [n for n in fallback if n not in warned]
             if new:
                 warned.update(new)
@@ -589,38 +700,21 @@ def _score_batches(
                     "Fisher: %d parameter(s) use the exact per-example fallback (slower): %s",
                     len(new), ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
                 )
-
             for d in range(draws):
-                s = obj[:, d]  # (B,)
-                if good:
-                    grads = torch.autograd.grad(
-                        s.sum(), [c.output for c in good], retain_graph=True, allow_unused=True
-                    )
-                    for c, g in zip(good, grads):
-                        if g is None:
-                            continue
-                        ins = c.inputs
-                        if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
-                            g = g.movedim(1, 0)
-                            ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
-                        contrib = c.rule(c.module, ins, g)
-                        for attr, name in c.names.items():
-                            if attr in contrib:
-                                if c.rows is not None:
-                                    scores[name][c.rows] += contrib[attr]
-                                else:
-                                    scores[name] += contrib[attr].view_as(scores[name])
-                if fallback:
-                    leaves = [plan.targets[n].leaf() for n in fallback]
-                    for i in range(B):  # exact but slow: one backward per example, only for these parameters
-                        gs = torch.autograd.grad(s[i], leaves, retain_graph=True, allow_unused=True)
-                        for n, g in zip(fallback, gs):
-                            if g is not None:
-                                scores[n] += g.float().square()
+                more = _score_draw(plan, rec, obj[:, d], good, uses, direct, fallback, scores, ws)
+                if more - warned:
+                    warned.update(more)
+                    logger.warning("Fisher: %d parameter(s) use the exact per-example fallback (slower; a use "
+                                   "of them was not seen): %s", len(more), ", ".join(sorted(more)[:8]))
+                if report is not None:
+                    report.setdefault("fallback", set()).update(more)
+            if report is not None:
+                report.setdefault("fallback", set()).update(fallback)
+                report.setdefault("direct", set()).update(direct)
             # drop every reference to this batch's graph and activations before the next forward (the
             # captures hold layer outputs, whose grad_fn keeps the whole graph alive): peak = one batch
-            del out, obj, labels, s
-            good = grads = contrib = c = g = ins = None
+            del out, obj, labels
+            good = uses = None
         del rec
         if totals is not None:
             for n, v in scores.items():
@@ -628,6 +722,92 @@ def _score_batches(
         if progress is not None:
             progress.update(1)
     return (totals if totals is not None else scores), n_batches
+
+
+def _triage(plan: _Plan, rec: _Recorder, B: int) -> tuple[list[_Capture], list, list[str], list[str]]:
+    """Split this batch's parameters: trusted layer captures, followed (direct) names and their uses, fallback.
+
+    Captures that cannot be trusted (module called twice, output modified in place, batch dim not found) and
+    direct parameters whose consumption could not be followed send their names to the exact fallback.
+    """
+    bad = set(rec.invalid) | {k for k, c in rec.calls.items() if c > 1}
+    for c in rec.captures:
+        if c.output._version != c.version or not c.output.requires_grad or _batch_dim(c.output, B) is None:
+            bad.add(c.key)
+    for mha, _ in plan.mha.values():  # an MHA and its out_proj stand or fall together
+        if id(mha) in bad or id(mha.out_proj) in bad:
+            bad.update((id(mha), id(mha.out_proj)))
+    bad -= set(rec.followed)
+    good = [c for c in rec.captures if c.key not in bad and c.key not in rec.followed]
+    fallback = list(plan.fallback)
+    for c in rec.captures:
+        if c.key in bad:
+            fallback += list(c.names.values())
+    for key in bad:
+        if key in plan.ruled:
+            fallback += list(plan.ruled[key][2].values())
+        elif key in plan.mha:
+            fallback += list(plan.mha[key][1].values())
+    direct = list(dict.fromkeys(list(plan.direct) + [n for ns in rec.followed.values() for n in ns]))
+    tr = rec.tracker
+    uses: list = []
+    if direct and (tr is None or tr.B != B):
+        fallback += direct  # the batch size was not found at the model's entry
+        direct = []
+    elif direct:
+        uses = tr.valid_uses()
+        fallback += [n for n in direct if n in tr.broken]
+    fallback = list(dict.fromkeys(fallback))
+    direct = [n for n in direct if n not in fallback]
+    if tr is not None:
+        keep = set(direct)
+        uses = [u for u in uses if tr.names_of(u) <= keep]
+    return good, uses, direct, fallback
+
+
+def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], uses: list, direct: list[str],
+                fallback: list[str], scores: dict[str, Tensor], ws: _Workspace) -> set[str]:
+    """Add one draw's squared per-example gradients (s: [B] objectives) to ``scores``; returns the direct
+    names that failed their consistency check (scored by the per-example loop instead)."""
+    B = s.shape[0]
+    leaves = {n: plan.targets[n].leaf() for n in direct}
+    wanted = [c.output for c in good] + [u.output for u in uses] + list(leaves.values())
+    grads = torch.autograd.grad(s.sum(), wanted, retain_graph=True, allow_unused=True) if wanted else ()
+    for c, g in zip(good, grads):
+        if g is None:
+            continue
+        ins = c.inputs
+        if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
+            g = g.movedim(1, 0)
+            ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
+        contrib = c.rule(c.module, ins, g)
+        for attr, name in c.names.items():
+            if attr in contrib:
+                if c.rows is not None:
+                    scores[name][c.rows] += contrib[attr]
+                else:
+                    scores[name] += contrib[attr].view_as(scores[name])
+    failed: set[str] = set()
+    if leaves:
+        ug = {i: g for i, g in enumerate(grads[len(good) : len(good) + len(uses)]) if g is not None}
+        bg = dict(zip(leaves, grads[len(good) + len(uses) :]))
+        try:
+            got, failed = direct_scores(rec.tracker, uses, ug, leaves, bg, ws.chunk_elements)
+        except RuntimeError as e:  # an operation torch.func cannot replay per example
+            logger.debug("Fisher: per-example replay failed (%s)", e)
+            got, failed = {}, set(leaves)
+        for n, v in got.items():
+            if n not in failed:
+                scores[n] += v
+    slow = list(fallback) + sorted(failed)
+    if slow:
+        slow_leaves = [plan.targets[n].leaf() for n in slow]
+        for i in range(B):  # exact but slow: one backward per example, only for these parameters
+            gs = torch.autograd.grad(s[i], slow_leaves, retain_graph=True, allow_unused=True)
+            for n, g in zip(slow, gs):
+                if g is not None:
+                    scores[n] += g.float().square()
+    return failed
 
 
 def _batch_dim(t: Tensor, B: int) -> int | None:
@@ -659,6 +839,7 @@ def fisher_scores(
     draws: int = 1,
     generator: torch.Generator | None = None,
     chunk_elements: int | None = None,
+    report: dict[str, set[str]] | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal-Fisher sensitivity of each parameter entry: sum over examples and draws of squared gradients.
 
@@ -675,6 +856,9 @@ def fisher_scores(
         chunk_elements: memory knob, the largest block of per-example gradients materialised at once
             (float32 elements; default ``DEFAULT_CHUNK_ELEMENTS`` for the model's device). Extra memory is
             about this many floats plus the layer activations kept by the forward.
+        report: if given, ``report["fallback"]`` receives the names scored by the slow per-example backward
+            loop (empty when every parameter has a vectorised path) and ``report["direct"]`` those followed
+            through the operations that consume them (:mod:`talos.fisher_direct`).
 
     Returns:
         ``{name: float32 tensor shaped like the parameter}`` on the parameter's device.
@@ -684,7 +868,7 @@ def fisher_scores(
     ws = _Workspace(_chunk_default(model, chunk_elements))
     plan = _build_plan(model, names, ws)
     with _scoring_mode(model, [t.leaf() for t in plan.targets.values()]):
-        scores, n = _score_batches(model, plan, batches, forward_fn, target, draws, generator, ws)
+        scores, n = _score_batches(model, plan, batches, forward_fn, target, draws, generator, ws, report=report)
     if n == 0:
         raise ValueError("fisher_scores received no batches")
     return scores
@@ -732,6 +916,8 @@ __all__ = [
     "fisher_scores_reference",
     "per_example_objective",
     "register_per_example_rule",
+    "register_per_example_rule_by_name",
     "resolve_params",
+    "rms_norm_rule",
 ]
 

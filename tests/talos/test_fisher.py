@@ -74,13 +74,16 @@ def test_matches_brute_force(case, target, draws):
 def test_supported_modules_take_the_fast_path(caplog):
     torch.manual_seed(0)
     model = ToyViT()
-    names = [n for n, _ in model.named_parameters() if n != "pos"]  # `pos` is used directly: fallback
+    names = [n for n, _ in model.named_parameters() if n != "pos"]
     with caplog.at_level(logging.WARNING, logger="talos"):
         fisher_scores(model, image_batches(1, 4), fwd, params=names)
     assert "fallback" not in caplog.text
+    report: dict = {}
     with caplog.at_level(logging.WARNING, logger="talos"):
-        fisher_scores(model, image_batches(1, 4), fwd)
-    assert "fallback" in caplog.text and "pos" in caplog.text
+        fisher_scores(model, image_batches(1, 4), fwd, report=report)
+    # `pos` is used directly in the model's forward: followed through the add that consumes it, no fallback
+    assert "fallback" not in caplog.text
+    assert report["fallback"] == set() and report["direct"] == {"pos"}
 
 
 def test_open_clip_vision_transformer():
@@ -185,16 +188,19 @@ def test_registered_rule_is_used_and_exact(caplog):
     fwd2 = lambda m, b: m(b).mean(1)  # noqa: E731
     names = [n for n, _ in model.named_parameters()]
     ref = brute_force(model, batches, fwd2, names, "logit", 1, seed=0)
+    report: dict = {}
     with caplog.at_level(logging.WARNING, logger="talos"):
-        slow = fisher_scores(model, batches, fwd2, generator=torch.Generator().manual_seed(0))
-    assert "1.w" in caplog.text  # unknown module: exact fallback
-    assert_close_scores(slow, ref)
+        followed = fisher_scores(model, batches, fwd2, generator=torch.Generator().manual_seed(0), report=report)
+    # unknown module: its parameter is followed through the multiply that consumes it (no fallback)
+    assert "fallback" not in caplog.text and report["direct"] == {"1.w"} and not report["fallback"]
+    assert_close_scores(followed, ref)
     register_per_example_rule(Scale, rule)
     try:
         caplog.clear()
+        report = {}
         with caplog.at_level(logging.WARNING, logger="talos"):
-            fast = fisher_scores(model, batches, fwd2, generator=torch.Generator().manual_seed(0))
-        assert "fallback" not in caplog.text
+            fast = fisher_scores(model, batches, fwd2, generator=torch.Generator().manual_seed(0), report=report)
+        assert "fallback" not in caplog.text and not report["direct"]  # the registered rule is used
         assert_close_scores(fast, ref)
     finally:
         from talos.fisher import _RULES
