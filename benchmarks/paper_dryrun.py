@@ -253,13 +253,22 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _default_modes() -> list[str]:
+    """Every registered mode, ``talos`` and ``standard`` first (they give the per-model counts), dependencies kept."""
+    from talos.modes import run_order
+
+    order = run_order()
+    return [m for m in ("talos", "standard") if m in order] + [m for m in order if m not in ("talos", "standard")]
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the sweep (or one ``--job``); prints and writes ``OUT/dryrun.{json,md}``; returns the records."""
     from talos.modes import run_order
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(PAPER_MODELS), help="comma-separated")
-    p.add_argument("--modes", default=",".join(run_order()), help="comma-separated, in dependency order")
+    p.add_argument("--modes", default=",".join(_default_modes()),
+                   help="comma-separated, in dependency order (run mode by mode, each over all models)")
     p.add_argument("--out", default="out/paper_dryrun", help="where dryrun.json and dryrun.md go")
     p.add_argument("--work", default=None, help="data, models and runs (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per (model, mode) job")
@@ -281,12 +290,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         work = Path(a.work) if a.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dryrun_")))
         prepare(models, work)
         records = []
-        for m in models:
-            for mode in modes:
+        for mode in modes:  # mode-major: every model gets the first modes before any gets the last ones
+            for m in models:
                 rec = run_job(m, mode, work) if a.in_process else _child(m, mode, work, a.timeout)
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
                 (out / "dryrun.json").write_text(json.dumps(records, indent=1))  # partial results survive
+    records.sort(key=lambda r: (models.index(r["model"]), modes.index(r["mode"])))
     md = table(records)
     (out / "dryrun.md").write_text(md + "\n")
     print(md)

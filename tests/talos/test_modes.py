@@ -145,6 +145,13 @@ def test_llora_update_is_scale_b_a0_and_ignores_a():
     expect_in = torch.cat([q, torch.zeros(E, E), v])
     torch.testing.assert_close(tv["attn.in_proj_weight"], expect_in, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(tv["mlp.0.weight"], m, rtol=1e-6, atol=1e-7)
+    # and as the official code computes it: the first-order expansion (torch.func.jvp) of the branch
+    # x -> alpha * B(A(x)) around (A0, B0 = 0), applied to inputs, equals x @ ΔW.T
+    x = torch.randn(5, E, generator=g)
+    branch = lambda a, b: 4.0 * (x @ a.T @ b.T)  # noqa: E731
+    a_now = a_params[2].detach()
+    out, dout = torch.func.jvp(branch, (a0[2], torch.zeros_like(bs[2])), (a_now - a0[2], bs[2]))
+    torch.testing.assert_close(out + dout, x @ tv["mlp.0.weight"].T, rtol=1e-5, atol=1e-6)
     state.cleanup()
 
 
