@@ -12,12 +12,13 @@ from .base import FinetuneMode, ModeContext, TrainState, register_mode
 
 
 def _adapted(ctx: ModeContext, *, linearized: bool, init: str) -> TrainState:
-    """Freeze the base weights, attach adapters (W -> W + ΔW) and train only them; τ = ΔW after training."""
+    """Freeze the base weights, attach adapters (W -> W + ΔW) and train only them; τ = ΔW after training.
+    ``init`` is the mode's A0 draw unless ``ctx.lora_init`` overrides it."""
     if ctx.lora_targets is None:
         raise ValueError("LoRA modes need lora_targets in their ModeContext")
     setup_trainable(ctx.model, [], None, [])  # base weights frozen
     adapters = LoRAAdapters(ctx.model, ctx.lora_targets(ctx.model), rank=ctx.lora_rank, alpha=ctx.lora_alpha,
-                            scaling=ctx.lora_scaling, init=init, seed=ctx.seed)
+                            scaling=ctx.lora_scaling, init=ctx.lora_init or init, seed=ctx.seed)
     adapters.attach(ctx.model, linearized=linearized)
     delta = adapters.lin_delta if linearized else adapters.delta
     trainable = [(f"lora.{n}", p) for n, p in adapters.named_parameters()]

@@ -121,6 +121,15 @@ def test_llora_a_init_is_the_official_xavier_draw():
     a0 = next(p for n, p in big.named_parameters() if ".A." in n).detach()
     assert 0.06 < a0.abs().max() <= (6 / 80) ** 0.5 / 4
     state.cleanup()
+    # peft's draw (the official nlp L-LoRA keeps peft's init) on request: uniform within 1/sqrt(E)
+    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=3, seed=7, lora_init="kaiming")
+    state = get_mode("llora").prepare(ctx, None)
+    a = next(p for n, p in state.named_params if ".A." in n).detach()
+    g = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(a, (torch.rand(3, E, generator=g) * 2 - 1) / E ** 0.5, rtol=0, atol=0)
+    state.cleanup()
+    with pytest.raises(ValueError, match="init"):
+        get_mode("llora").prepare(ModeContext(model, [], lora_targets=_mha_targets, lora_init="normal"), None)
 
 
 def test_llora_update_is_scale_b_a0_and_ignores_a():
