@@ -253,6 +253,11 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _previous(out: Path) -> list[dict[str, Any]]:
+    path = out / "dryrun.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def _default_modes() -> list[str]:
     """Every registered mode, ``talos`` and ``standard`` first (they give the per-model counts), dependencies kept."""
     from talos.modes import run_order
@@ -273,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--work", default=None, help="data, models and runs (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per (model, mode) job")
     p.add_argument("--in-process", action="store_true", help="run jobs here (no per-job peak memory)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the records of OUT/dryrun.json and skip their (model, mode) jobs (same --work)")
     p.add_argument("--job", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -289,14 +296,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     with contextlib.ExitStack() as stack:
         work = Path(a.work) if a.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dryrun_")))
         prepare(models, work)
-        records = []
+        records = [r for r in _previous(out) if "error" not in r] if a.resume else []
+        done = {(r["model"], r["mode"]) for r in records}
         for mode in modes:  # mode-major: every model gets the first modes before any gets the last ones
             for m in models:
+                if (m, mode) in done:
+                    continue
                 rec = run_job(m, mode, work) if a.in_process else _child(m, mode, work, a.timeout)
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
                 (out / "dryrun.json").write_text(json.dumps(records, indent=1))  # partial results survive
-    records.sort(key=lambda r: (models.index(r["model"]), modes.index(r["mode"])))
+    order = PAPER_MODELS + models + [r["model"] for r in records]
+    records.sort(key=lambda r: (order.index(r["model"]), _default_modes().index(r["mode"])))
+    (out / "dryrun.json").write_text(json.dumps(records, indent=1))
     md = table(records)
     (out / "dryrun.md").write_text(md + "\n")
     print(md)

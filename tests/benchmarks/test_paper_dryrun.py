@@ -39,6 +39,10 @@ def test_dryrun_on_tiny_models(tmp_path):
     md = (out / "dryrun.md").read_text()
     assert f"| talos-tiny-vit | {n_elig:,} |" in md and "| talos-tiny-t5 | llora |" in md
     assert len(json.loads((out / "dryrun.json").read_text())) == 4
+    # --resume keeps the records and runs nothing again
+    again = dr.main(["--models", "talos-tiny-vit", "--modes", "talos,llora", "--in-process", "--resume",
+                     "--out", str(out), "--work", str(tmp_path / "work")])
+    assert again == records
 
 
 def test_t5_sizes_are_the_released_ones():
