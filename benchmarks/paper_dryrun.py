@@ -67,7 +67,8 @@ def make_vision_data(root: Path, per_class: int = 2, n_test: int = BATCH) -> Pat
 
     rng = np.random.default_rng(0)
     classes = sorted(EUROSAT_CLASSNAMES)
-    for split, counts in (("train", [per_class] * len(classes)), ("test", [1] * n_test + [0] * (len(classes) - n_test))):
+    test_counts = [1] * n_test + [0] * (len(classes) - n_test)
+    for split, counts in (("train", [per_class] * len(classes)), ("test", test_counts)):
         for cls, n in zip(classes, counts):
             d = root / "EuroSAT_splits" / split / cls
             d.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,8 @@ def _fmt(v: Any, spec: str = ",") -> str:
 
 def table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: one summary row per model, then one row per (model, mode)."""
-    lines = ["| model | eligible entries | dense entries | kept at 0.9 (`talos`) | total s |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | eligible entries | dense entries | kept at 0.9 (`talos`) | s, modes run |",
+             "|---|---:|---:|---:|---:|"]
     models = list(dict.fromkeys(r["model"] for r in records))
     for m in models:
         rs = [r for r in records if r["model"] == m]

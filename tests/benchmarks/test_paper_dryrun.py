@@ -12,8 +12,8 @@ def test_dryrun_on_tiny_models(tmp_path):
     out = tmp_path / "out"
     records = dr.main(["--models", "talos-tiny-vit,talos-tiny-t5", "--modes", "talos,llora", "--in-process",
                        "--out", str(out), "--work", str(tmp_path / "work")])
-    assert [(r["model"], r["mode"]) for r in records] == [
-        ("talos-tiny-vit", "talos"), ("talos-tiny-vit", "llora"), ("talos-tiny-t5", "talos"), ("talos-tiny-t5", "llora")]
+    assert [(r["model"], r["mode"]) for r in records] == [("talos-tiny-vit", "talos"), ("talos-tiny-vit", "llora"),
+                                                           ("talos-tiny-t5", "talos"), ("talos-tiny-t5", "llora")]
     by = {(r["model"], r["mode"]): r for r in records}
 
     # vision: eligible / dense entries counted independently from the model the scripts build
