@@ -1,13 +1,13 @@
 """First-order Taylor models: f_lin(x; θ) = f(x; θ0) + J_θ f(x; θ0) · (θ − θ0), via ``torch.func.jvp``.
 
-Used to train linearized fine-tuning (Ortiz-Jimenez et al. 2023), to evaluate task vectors through the
-linearized model (post-hoc linearization), and for L-LoRA, whose tangent is the linearised LoRA update.
+Used to train linearized fine-tuning (Ortiz-Jimenez et al. 2023) and to evaluate task vectors through the
+linearized model (post-hoc linearization). (L-LoRA linearizes only its adapter branch: ``talos.lora``.)
 Fused attention kernels have no forward-mode rule, so attention runs on the math path inside the JVP.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +37,11 @@ class LinearizedModel(nn.Module):
 
     θ0 is a frozen copy taken at construction (buffers ``theta0.<i>``). The tangent is ``θ − θ0`` for the
     model's current values of ``names`` (so training the wrapped model's parameters trains the linear model,
-    and setting them to θ0 + τ evaluates a task vector through it), or ``delta_fn()`` when given (L-LoRA).
+    and setting them to θ0 + τ evaluates a task vector through it).
     Other parameters and buffers are used as they are. ``forward(*args, **kwargs)`` forwards to ``model``.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str],
-                 delta_fn: Callable[[], dict[str, Tensor]] | None = None) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.model = model
         self.names = list(names)
@@ -52,16 +51,13 @@ class LinearizedModel(nn.Module):
             raise ValueError(f"unknown parameter names: {missing[:5]}")
         for i, n in enumerate(self.names):
             self.register_buffer(f"theta0_{i}", named[n].detach().clone(), persistent=False)
-        self.delta_fn = delta_fn
 
     def theta0(self) -> dict[str, Tensor]:
         """The expansion point, by parameter name."""
         return {n: getattr(self, f"theta0_{i}") for i, n in enumerate(self.names)}
 
     def tangent(self) -> dict[str, Tensor]:
-        """θ − θ0 (or ``delta_fn()``), by parameter name; differentiable w.r.t. the trainable parameters."""
-        if self.delta_fn is not None:
-            return self.delta_fn()
+        """θ − θ0 by parameter name; differentiable w.r.t. the trainable parameters."""
         named = dict(self.model.named_parameters())
         return {n: named[n] - t0 for n, t0 in self.theta0().items()}
 

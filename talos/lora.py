@@ -1,8 +1,13 @@
 """LoRA adapters on any weight matrix (or row slices of one, e.g. q and v of a fused in-projection).
 
-Adapters live in their own module. ``attach`` installs them as parametrizations (W -> W + ΔW) for non-linear
-LoRA; ``lin_delta`` gives the adapter update linearised around initialisation for L-LoRA; ``delta`` is the
-merged update used as the task vector, so LoRA task vectors add and negate like any other.
+Adapters live in their own module. ``attach`` installs them as parametrizations W -> W + ΔW: ΔW = ``delta``
+(scale · B A) for LoRA, or ΔW = ``lin_delta`` (its first-order expansion around the initialisation (A0, B0 = 0),
+i.e. scale · B A0) for L-LoRA (Tang et al. 2024): only the adapter branch is linearised, the network stays
+non-linear. The same ΔW is the task vector, so LoRA task vectors add and negate like any other, and θ0 + τ in
+the ordinary model reproduces the adapted model exactly.
+
+A init: ``kaiming`` is nn.Linear's / peft's (uniform, bound 1/sqrt(in)); ``xavier`` is the official TaLoS vision
+L-LoRA's (``xavier_uniform_`` on an ``nn.Linear(in, r)`` weight [r, in], then times 1/sqrt(r)). B starts at 0.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 SCALINGS = ("alpha_over_rank", "alpha")
+INITS = ("kaiming", "xavier")
 
 
 def _key(name: str) -> str:
@@ -23,7 +29,7 @@ def _key(name: str) -> str:
 class _Slot(nn.Module):
     """A and B factors for the row slices of one weight [out, in]; ΔW[rows] = scale · B @ A."""
 
-    def __init__(self, shape: Sequence[int], slices: Sequence[slice], rank: int, scale: float,
+    def __init__(self, shape: Sequence[int], slices: Sequence[slice], rank: int, scale: float, init: str,
                  generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         out, inp = shape
@@ -32,10 +38,9 @@ class _Slot(nn.Module):
         self.scale = scale
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
-        bound = 1.0 / math.sqrt(inp)  # kaiming-uniform(a=sqrt(5)) bound used by nn.Linear and peft
         for s in self.slices:
             rows = len(range(s.start, s.stop, s.step))
-            a = (torch.rand(rank, inp, generator=generator) * 2 - 1) * bound
+            a = _init_a(rank, inp, init, generator)
             self.A.append(nn.Parameter(a.to(device=device, dtype=dtype)))
             self.B.append(nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype)))
         for i, a in enumerate(self.A):
@@ -61,25 +66,39 @@ class _Slot(nn.Module):
         return self._assemble(out)
 
 
+def _init_a(rank: int, inp: int, init: str, generator: torch.Generator) -> Tensor:
+    """A0 [rank, inp] drawn from ``generator`` (CPU float32)."""
+    if init == "xavier":  # official vision L-LoRA: xavier_uniform_ on nn.Linear(inp, rank).weight, then / sqrt(r)
+        a = nn.init.xavier_uniform_(torch.empty(rank, inp), generator=generator)
+        return a.mul_(1 / torch.tensor(float(rank)).sqrt())  # the float32 factor the official code uses
+    bound = 1.0 / math.sqrt(inp)  # kaiming-uniform(a=sqrt(5)) bound used by nn.Linear and peft
+    return (torch.rand(rank, inp, generator=generator) * 2 - 1) * bound
+
+
 class _AddDelta(nn.Module):
-    def __init__(self, slot: _Slot) -> None:
+    def __init__(self, slot: _Slot, linearized: bool) -> None:
         super().__init__()
         self.slot = [slot]  # a list: do not register the adapter twice as a submodule
+        self.linearized = linearized
 
     def forward(self, w: Tensor) -> Tensor:
-        return w + self.slot[0].delta().to(w.dtype)
+        slot = self.slot[0]
+        return w + (slot.lin_delta() if self.linearized else slot.delta()).to(w.dtype)
 
 
 class LoRAAdapters(nn.Module):
     """Adapters for ``targets`` = {parameter name: row slices (None = all rows)} of ``model``."""
 
     def __init__(self, model: nn.Module, targets: Mapping[str, Sequence[slice] | None], *, rank: int = 16,
-                 alpha: float = 32.0, scaling: str = "alpha_over_rank", seed: int = 0) -> None:
+                 alpha: float = 32.0, scaling: str = "alpha_over_rank", init: str = "kaiming",
+                 seed: int = 0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if scaling not in SCALINGS:
             raise ValueError(f"unknown LoRA scaling {scaling!r}; valid choices: {', '.join(SCALINGS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; valid choices: {', '.join(INITS)}")
         if not targets:
             raise ValueError("no LoRA targets")
         scale = alpha / rank if scaling == "alpha_over_rank" else float(alpha)
@@ -91,7 +110,8 @@ class LoRAAdapters(nn.Module):
             if n not in named or named[n].dim() != 2:
                 raise ValueError(f"LoRA target {n!r} is not a 2-D parameter of the model")
             p = named[n]
-            self.slots[_key(n)] = _Slot(p.shape, targets[n] or [slice(None)], rank, scale, g, p.dtype, p.device)
+            self.slots[_key(n)] = _Slot(p.shape, targets[n] or [slice(None)], rank, scale, init, g, p.dtype,
+                                        p.device)
         self._attached: list[tuple[nn.Module, str]] = []
 
     def delta(self) -> dict[str, Tensor]:
@@ -102,12 +122,13 @@ class LoRAAdapters(nn.Module):
         """Updates linearised in the adapter parameters around their initialisation (L-LoRA)."""
         return {n: self.slots[_key(n)].lin_delta() for n in self.names}
 
-    def attach(self, model: nn.Module) -> None:
-        """Install W -> W + ΔW on every target (parametrizations; the original tensors are untouched)."""
+    def attach(self, model: nn.Module, linearized: bool = False) -> None:
+        """Install W -> W + ΔW on every target (parametrizations; the original tensors are untouched);
+        ΔW = ``lin_delta`` with ``linearized`` (L-LoRA), else ``delta``."""
         for n in self.names:
             mod_name, _, attr = n.rpartition(".")
             mod = model.get_submodule(mod_name)
-            parametrize.register_parametrization(mod, attr, _AddDelta(self.slots[_key(n)]), unsafe=True)
+            parametrize.register_parametrization(mod, attr, _AddDelta(self.slots[_key(n)], linearized), unsafe=True)
             self._attached.append((mod, attr))
 
     def detach(self) -> None:

@@ -230,7 +230,7 @@ class EditEvaluator:
     """``evaluate(edit, task, split) -> accuracy`` (talos.evaluation's interface) on top of a live model.
 
     ``accuracy(model, task, split)`` evaluates whatever module it is given: the model itself, or with
-    ``linearized`` its first-order Taylor expansion around θ0 (linear FT, post-hoc, L-LoRA). Zero-shot
+    ``linearized`` its first-order Taylor expansion around θ0 (linear FT, post-hoc). Zero-shot
     results (edit None) are computed once per (task, split).
     """
 

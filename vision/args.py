@@ -79,7 +79,7 @@ def build_parser(description: str = "TaLoS vision (CLIP) task arithmetic") -> ar
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="activation checkpointing of the image encoder's blocks (non-reentrant) in calibration "
                         "and fine-tuning: less activation memory for more time (benchmarks/efficiency.py measures "
-                        "the trade); not for modes trained through the linearized model (linear, llora)")
+                        "the trade); not for linear, which trains through the linearized model")
     g = p.add_argument_group("data")
     cli.add_task_flags(g, tasks=TASKS, control=CONTROL)
     g.add_argument("--data-location", default=os.path.expanduser("~/data"), help="root of the dataset folders")

@@ -131,7 +131,7 @@ def logits_forward(model: torch.nn.Module, batch: Any) -> Tensor:
 class Evaluator(EditEvaluator):
     """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split (talos.evaluation's interface).
 
-    With ``linearized`` the model is its first-order Taylor expansion around θ0 (linear, post-hoc, L-LoRA).
+    With ``linearized`` the model is its first-order Taylor expansion around θ0 (linear, post-hoc).
     The task's zero-shot head is swapped in before each evaluation; under ``torchrun`` each rank evaluates
     every world_size-th example and the counts are summed.
     """

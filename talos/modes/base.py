@@ -36,6 +36,7 @@ class ModeContext:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_scaling: str = "alpha_over_rank"
+    lora_init: str | None = None  # A0 draw, "kaiming" or "xavier" (talos.lora.INITS); None = the mode's default
     # another mode's task vector for the same task and settings (LoTA reads the standard one)
     load_task_vector: Callable[[str], TaskVector] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -84,33 +84,114 @@ def test_lora_is_a_noop_at_init_and_trains_only_adapters():
         torch.testing.assert_close(model(x), out_lora, rtol=1e-5, atol=1e-6)
 
 
-def test_llora_output_is_linear_in_adapter_parameters():
+def _llora(model, rank=2, alpha=4.0, seed=3):
+    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=rank, lora_alpha=alpha, lora_scaling="alpha",
+                      seed=seed)
+    return get_mode("llora").prepare(ctx, None)
+
+
+def _xavier_a0(shapes, rank, seed):
+    """The official A0 of each (in_features) in draw order: nn.Linear(E, r) weight, xavier_uniform_, times 1/sqrt(r),
+    transcribed with the bound written out (gain 1: sqrt(6 / (fan_in + fan_out)))."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for inp in shapes:
+        bound = (6.0 / (inp + rank)) ** 0.5
+        std_dev = 1 / torch.sqrt(torch.tensor(rank).float())  # as the official code writes it
+        out.append(torch.empty(rank, inp).uniform_(-bound, bound, generator=g).mul_(std_dev))
+    return out
+
+
+def test_llora_a_init_is_the_official_xavier_draw():
+    torch.manual_seed(0)
+    model = ToyViT()
+    E = model.attn.embed_dim
+    state = _llora(model, rank=3, seed=7)
+    a_params = [p for n, p in state.named_params if ".A." in n]
+    b_params = [p for n, p in state.named_params if ".B." in n]
+    # draw order: in_proj q rows, in_proj v rows (in E), then mlp.0 (in E)
+    ref = _xavier_a0([E, E, E], rank=3, seed=7)
+    assert len(a_params) == 3
+    for a, r in zip(a_params, ref):
+        assert a.shape == (3, E)
+        torch.testing.assert_close(a.detach(), r, rtol=0, atol=0)
+    assert all(not b.any() for b in b_params)  # B0 = 0
+    # the issue's measurement: E = 64, r = 16 -> max |A0| <= sqrt(6/80)/4 = 0.0685 (kaiming would reach 0.125)
+    big = LoRAAdapters(nn.Linear(64, 64), {"weight": None}, rank=16, init="xavier", seed=0)
+    a0 = next(p for n, p in big.named_parameters() if ".A." in n).detach()
+    assert 0.06 < a0.abs().max() <= (6 / 80) ** 0.5 / 4
+    state.cleanup()
+    # peft's draw (the official nlp L-LoRA keeps peft's init) on request: uniform within 1/sqrt(E)
+    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=3, seed=7, lora_init="kaiming")
+    state = get_mode("llora").prepare(ctx, None)
+    a = next(p for n, p in state.named_params if ".A." in n).detach()
+    g = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(a, (torch.rand(3, E, generator=g) * 2 - 1) / E ** 0.5, rtol=0, atol=0)
+    state.cleanup()
+    with pytest.raises(ValueError, match="init"):
+        get_mode("llora").prepare(ModeContext(model, [], lora_targets=_mha_targets, lora_init="normal"), None)
+
+
+def test_llora_update_is_scale_b_a0_and_ignores_a():
     torch.manual_seed(0)
     model = ToyViT().eval()
-    x = image_batches(1, 2)[0]
-    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=2)
-    state = get_mode("llora").prepare(ctx, None)
-    lin = state.model
-    params = [p for _, p in state.named_params]
+    E = model.attn.embed_dim
+    state = _llora(model, rank=2, alpha=4.0, seed=3)
+    assert not get_mode("llora").eval_linearized  # evaluated through the ordinary, non-linear model
+    a0 = _xavier_a0([E, E, E], rank=2, seed=3)
+    a_params = [p for n, p in state.named_params if ".A." in n]
+    b_params = [p for n, p in state.named_params if ".B." in n]
+    g = torch.Generator().manual_seed(5)
+    bs = [torch.randn(p.shape, generator=g) for p in b_params]
     with torch.no_grad():
-        f0 = lin(x)
-        init = [p.clone() for p in params]
-        d = [torch.randn_like(p) for p in params]
-        for p, i, dd in zip(params, init, d):
-            p.copy_(i + dd)
-        f1 = lin(x)
-        for p, i, dd in zip(params, init, d):
-            p.copy_(i + 2 * dd)
-        f2 = lin(x)
-    torch.testing.assert_close(f2 - f0, 2 * (f1 - f0), rtol=1e-4, atol=1e-5)
-    # its task vector, evaluated through the linearized base model, gives the same outputs
+        for p, b in zip(b_params, bs):
+            p.copy_(b)
+        for p in a_params:  # moving A changes nothing to first order around B0 = 0
+            p.add_(torch.randn(p.shape, generator=g))
     tv = state.task_vector()
-    base_lin = LinearizedModel(model, list(tv.keys()))
+    # hand-computed: alpha * B @ A0 on the q rows and the v rows, zero on the k rows; all rows of mlp.0
+    q, v, m = (4.0 * b @ a for b, a in zip(bs, a0))
+    expect_in = torch.cat([q, torch.zeros(E, E), v])
+    torch.testing.assert_close(tv["attn.in_proj_weight"], expect_in, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(tv["mlp.0.weight"], m, rtol=1e-6, atol=1e-7)
+    # and as the official code computes it: the first-order expansion (torch.func.jvp) of the branch
+    # x -> alpha * B(A(x)) around (A0, B0 = 0), applied to inputs, equals x @ ΔW.T
+    x = torch.randn(5, E, generator=g)
+    branch = lambda a, b: 4.0 * (x @ a.T @ b.T)  # noqa: E731
+    a_now = a_params[2].detach()
+    out, dout = torch.func.jvp(branch, (a0[2], torch.zeros_like(bs[2])), (a_now - a0[2], bs[2]))
+    torch.testing.assert_close(out + dout, x @ tv["mlp.0.weight"].T, rtol=1e-5, atol=1e-6)
+    state.cleanup()
+
+
+def test_llora_network_stays_nonlinear_and_tau_reproduces_it():
+    torch.manual_seed(0)
+    model = ToyViT().eval()
+    x = image_batches(1, 4)[0]
+    with torch.no_grad():
+        f0 = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = _llora(model)
+    b_params = [p for n, p in state.named_params if ".B." in n]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in b_params:
+            p.copy_(torch.randn(p.shape, generator=g))
+        f_adapted = state.model(x)
+    tv = state.task_vector()
+    state.cleanup()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base untouched
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n in tv.keys():
             named[n].add_(tv[n])
-        torch.testing.assert_close(base_lin(x), f2, rtol=1e-4, atol=1e-5)
+        f1 = model(x)  # θ0 + τ in the ordinary model = the adapted model
+        for n in tv.keys():
+            named[n].add_(tv[n])
+        f2 = model(x)  # θ0 + 2τ
+    torch.testing.assert_close(f1, f_adapted, rtol=1e-5, atol=1e-6)
+    # not the linear extrapolation f0 + 2 (f1 - f0): only the adapter branch is linear, not the network
+    assert (f2 - (f0 + 2 * (f1 - f0))).abs().max() > 1e-2 * (f1 - f0).abs().max()
 
 
 def test_lota_and_ablation_masks():
