@@ -46,7 +46,9 @@ def build_parser(description: str = "TaLoS NLP (T5 / causal LM) task arithmetic"
         calibration_batches_help="calibration batches per round (default: the whole validation split)",
         calibration_batch_size=32, calibration_batch_size_help=None,
         lora_scaling="alpha_over_rank",
-        lora_scaling_help="LoRA update multiplier: alpha / rank (peft, as for T5) or alpha")
+        lora_scaling_help="LoRA update multiplier: alpha / rank (peft, as for T5) or alpha",
+        lora_init="kaiming",
+        lora_init_help="draw of the LoRA A factor: kaiming (peft's, which the official nlp L-LoRA uses) or xavier")
     g = p.add_argument_group("data")
     cli.add_task_flags(g, tasks=TASKS, control=CONTROL)
     g.add_argument("--data-location", default=os.path.expanduser("~/data/nlp"),

@@ -34,7 +34,8 @@ def csv_list(s: str) -> list[str]:
 def add_method_flags(p: argparse.ArgumentParser, *, fisher_target: str, fisher_target_help: str,
                      draws_help: str, calibration_batches_help: str, calibration_batch_size: int | None,
                      calibration_batch_size_help: str | None, lora_scaling: str,
-                     lora_scaling_help: str) -> argparse._ArgumentGroup:
+                     lora_scaling_help: str, lora_init: str | None = None,
+                     lora_init_help: str = "") -> argparse._ArgumentGroup:
     """The ``method`` group: mode, sparsity, calibration, Fisher target, LoRA. Returns the group."""
     from .fisher import TARGETS
     from .modes import MODES
@@ -54,6 +55,9 @@ def add_method_flags(p: argparse.ArgumentParser, *, fisher_target: str, fisher_t
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA / L-LoRA alpha")
     g.add_argument("--lora-scaling", default=lora_scaling, choices=["alpha", "alpha_over_rank"],
                    help=lora_scaling_help)
+    g.add_argument("--lora-init", default=lora_init, choices=["kaiming", "xavier"],
+                   help=lora_init_help or "draw of the LoRA A factor (default: each mode's own: lora kaiming as "
+                                          "peft, llora the official xavier)")
     return g
 
 
@@ -207,6 +211,8 @@ def method_hparams(args: argparse.Namespace) -> dict[str, Any]:
         h["sparsity"] = args.sparsity
     if mode.uses_lora:
         h.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_scaling=args.lora_scaling)
+        if getattr(args, "lora_init", None) is not None:  # absent = the mode's default (older runs keep their hash)
+            h["lora_init"] = args.lora_init
     if mode.needs_calibration:
         h.update(rounds=args.calibration_rounds, soft_mask=args.soft_mask, fisher_target=args.fisher_target,
                  fisher_draws=args.fisher_draws, calibration_batches=args.calibration_batches,

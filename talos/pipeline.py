@@ -432,6 +432,7 @@ def mode_context(args: argparse.Namespace, tracker: Tracker, *, runs: RunPaths, 
         seed=args.seed, progress=not args.no_progress,
         on_round=lambda r, d, m: tracker.log({"calibration/round": r, "calibration/density": d}),
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_scaling=args.lora_scaling,
+        lora_init=getattr(args, "lora_init", None),
         load_task_vector=lambda m: runs.task_vectors(args, [task], mode=m)[task],
         **fields,
     )

@@ -15,7 +15,7 @@ OFFICIAL_VISION = {
     "merge_variant": "official", "merge_tall_masks_lam": 0.2, "merge_consensus_lam": 0.2, "merge_consensus_k": 2,
     "merge_ties_k": 0.1, "merge_dare_p": 0.9, "merge_breadcrumbs_beta": 0.1, "merge_breadcrumbs_gamma": 0.2,
     "freeze_embeddings": False, "count_text_ln_final": True, "activation": "auto", "control_dataset": "ImageNet",
-    "pretrained": "openai",
+    "pretrained": "openai", "lora_init": None,  # None: llora draws the official xavier A0 (lora: peft's kaiming)
 }
 OFFICIAL_EPOCHS = {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15, "SUN397": 14,
                    "SVHN": 4}
@@ -24,7 +24,7 @@ OFFICIAL_NLP = {
     "lr": 1e-4, "wd": 0.0, "batch_size": 64, "num_grad_accumulation": 16, "num_steps": 75_000, "max_seq_len": 128,
     "grad_clip": 1.0, "sparsity": 0.9, "calibration_rounds": 4, "soft_mask": 0.1, "fisher_target": "logit",
     "fisher_draws": 1, "calibration_batch_size": 32, "lora_rank": 16, "lora_alpha": 32.0, "n_eval_points": 21,
-    "control_threshold": 0.95, "merge_variant": "official", "merge_tall_masks_lam": 0.6, "merge_consensus_lam": 0.6,
+    "lora_init": "kaiming", "control_threshold": 0.95, "merge_variant": "official", "merge_tall_masks_lam": 0.6, "merge_consensus_lam": 0.6,
     "control_dataset": "rte",
 }
 
@@ -69,3 +69,13 @@ def test_fidelity_doc_names_existing_tests():
         assert f.is_file(), path
         if name:
             assert re.search(rf"^def {name}\b", f.read_text(), re.M), f"{path}::{name}"
+
+
+def test_lora_init_is_part_of_the_nlp_run_hash():
+    import argparse
+
+    from talos.cli import method_hparams
+
+    base = dict(finetuning_mode="llora", lora_rank=16, lora_alpha=32.0, lora_scaling="alpha_over_rank")
+    assert method_hparams(argparse.Namespace(**base, lora_init="kaiming"))["lora_init"] == "kaiming"
+    assert "lora_init" not in method_hparams(argparse.Namespace(**base, lora_init=None))
