@@ -91,6 +91,7 @@ def validate(args: argparse.Namespace, *, need_train_dataset: bool = False) -> a
         raise ValueError(f"--model {args.model} is a tiny random-init config: pass --tokenizer <folder> "
                          "(e.g. the one python -m nlp.synthetic writes)")
     args.model_kind = check_model_name(args.model, args.cache_dir)  # reads the config only
+    args.model_id = cli.check_model_dir(args.model)  # a local folder: its weights' content hash (run hash)
     cli.resolve_device(args)
     return args
 
@@ -129,7 +130,8 @@ def parse_args(argv: Sequence[str] | None = None, *, need_train_dataset: bool = 
 def finetune_hparams(args: argparse.Namespace, task: str) -> dict[str, Any]:
     """The hyperparameters that define a fine-tuning run (its folder hash); eval scripts recompute them."""
     return {
-        "model": args.model, "tokenizer": args.tokenizer, "mode": args.finetuning_mode, "task": task,
+        "model": getattr(args, "model_id", None) or args.model, "tokenizer": args.tokenizer,
+        "mode": args.finetuning_mode, "task": task,
         "batch_size": args.batch_size, "accumulation": args.num_grad_accumulation, "lr": args.lr, "wd": args.wd,
         "steps": args.num_steps, "seed": args.seed, "grad_clip": args.grad_clip, "max_seq_len": args.max_seq_len,
         "precision": args.precision,

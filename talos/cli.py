@@ -360,6 +360,26 @@ def check_pretrained_file(value: str | None, flag: str = "--pretrained") -> str 
     return "sha256:" + file_sha256(value)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_model_dir(value: str | None) -> str | None:
+    """For a ``value`` that is a local model folder, the content hash of its weights and config
+    (``sha256:<hex>`` over each such file's name and :func:`talos.io.file_sha256`); None otherwise (a hub id or
+    a named config), so replacing the folder's weights gives a new run."""
+    if not value or not os.path.isdir(value):
+        return None
+    import hashlib
+
+    from .io import file_sha256
+
+    files = sorted(f for f in os.listdir(value) if f.endswith(WEIGHT_SUFFIXES) or f == "config.json")
+    if not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
+        raise ValueError(f"--model {value}: a folder without weights ({', '.join(WEIGHT_SUFFIXES)} files)")
+    lines = "\n".join(f"{f}:{file_sha256(os.path.join(value, f))}" for f in files)
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
 def pretrained_key(args: argparse.Namespace) -> str | None:
     """What the run hash records for ``--pretrained``: the file's content hash for a path (replacing the file
     gives a new run), else the tag itself (hashes of runs from tags are unchanged)."""

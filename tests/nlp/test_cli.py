@@ -226,3 +226,26 @@ def test_hash_of_the_real_default_configuration_is_pinned(monkeypatch):
     assert (talos_run.hash, std_run.hash) == ("d343a0198d", "93847dad32")
     assert run("--precision", "bf16").hash != talos_run.hash
     assert run("--fisher-target", "log_prob").hash != talos_run.hash
+
+
+def test_local_model_folder_is_hashed_by_content(tmp_path, monkeypatch):
+    """Replacing the weights of a local --model folder gives a new run (not a silently reused one)."""
+    import nlp.models
+    from nlp import args as nargs
+    from nlp.common import RUNS
+
+    monkeypatch.setattr(nlp.models, "check_model_name", lambda name, cache_dir=None: "seq2seq")
+    folder = tmp_path / "my-t5"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+
+    def run():
+        a = nargs.parse_args(["--model", str(folder), "--train-dataset", "qasc", "--device", "cpu"],
+                             need_train_dataset=True)
+        return RUNS.finetune(a, "qasc")
+
+    first = run()
+    assert first.hparams["model"].startswith("sha256:")
+    (folder / "model.safetensors").write_bytes(b"weights v2, replaced")
+    assert run().hash != first.hash
