@@ -12,16 +12,8 @@ from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
 from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
-from vision.synthetic import make_synthetic_datasets
 
 TASKS = "SynthShapes,SynthColors"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    loc = tmp_path_factory.mktemp("vision_data")
-    make_synthetic_datasets(loc, n_train=100, n_test=30)
-    return loc
 
 
 def common(data, save, *extra):

@@ -16,17 +16,9 @@ from talos.io import ArtifactError
 from talos.task_vector import TaskVector
 from talos.train import DivergenceError
 from vision import eval_single_task, eval_task_addition, finetune
-from vision.synthetic import make_synthetic_datasets
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = ["--finetuning-mode", "talos", "--train-dataset", "SynthShapes", "--eval-datasets", "SynthShapes"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    loc = tmp_path_factory.mktemp("vision_data")
-    make_synthetic_datasets(loc, n_train=100, n_test=30)
-    return loc
 
 
 def common(data, save, *extra):
