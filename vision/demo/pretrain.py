@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -234,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "pool_seconds": round(res["pool_seconds"], 1), "train_seconds": round(res["train_seconds"], 1),
             "train_cpu_seconds": round(res["train_cpu_seconds"], 1),
             "final_loss": float(np.mean(res["losses"][-50:])), "zeroshot_fresh_scenes": res["zeroshot"],
-            "versions": versions(), "git_commit": git_commit(), "torch_threads": args.threads}
+            "versions": versions(), "git_commit": git_commit(), "torch_threads": args.threads,
+            # CPU time is inflated, and wall time meaningless, on a shared machine: record how busy it was
+            "load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
     out = Path(args.out)
     sha = save_checkpoint(res["model"], out, meta)
     print(json.dumps({k: meta[k] for k in ("command", "train_seconds", "final_loss", "zeroshot_fresh_scenes")}, indent=1))
