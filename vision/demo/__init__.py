@@ -1,10 +1,12 @@
-"""The offline demo: a procedurally generated image-caption world, a toy CLIP pre-trained on it, and the
-whole TaLoS pipeline (every registered mode, addition, negation, merges, figures) on a laptop CPU.
+"""The offline demo: two procedurally generated image-caption worlds, a toy CLIP pre-trained on both, and
+the TaLoS pipeline (fine-tuning modes, addition, negation, merges, figures) on a laptop CPU.
 
-    bash launch_scripts/demo.sh out/demo
+    bash launch_scripts/demo.sh out/demo                                   # disjoint world, ~5 min
+    bash launch_scripts/demo.sh out/demo-overlapping --world overlapping   # shared-scene world
 
-Modules: ``world`` (scenes, captions, task image folders), ``tasks`` (dataset registration),
-``pretrain`` (the toy CLIP's contrastive pre-training), ``run`` (the pipeline driver), ``figures``.
+Modules: ``domains`` (the disjoint world's seven image domains), ``world`` (the overlapping world's scenes,
+both worlds' task registry, task image folders), ``tasks`` (dataset registration), ``pretrain`` (the toy
+CLIP's contrastive pre-training), ``run`` (the pipeline driver), ``figures``.
 """
 from pathlib import Path
 

@@ -1,13 +1,17 @@
-"""Contrastive pre-training of the demo's toy CLIP (``talos-toy-clip``) on captioned scenes of the world.
+"""Contrastive pre-training of the demo's toy CLIP (``talos-toy-clip``) on captioned images of both worlds.
 
     python -m vision.demo.pretrain --out vision/demo/toy_clip.safetensors      # the committed checkpoint
 
-Images are drawn once into an in-memory pool (``--pool`` scenes from ``--seed``); every step takes a batch
-from a seeded permutation of the pool and re-draws each caption with attribute dropout (each factor named
-with probability ``--keep``), so the text tower learns short phrases like the downstream templates, and no
-factor alone suffices to tell a batch's captions apart (with full captions the easy factors, colour and
-texture, do, and shape and position are never learned). Two values per target factor are never named
-(:data:`UNNAMED`), so zero-shot accuracy stays clearly below fine-tuned accuracy.
+Images are drawn once into an in-memory pool (``--pool`` images from ``--seed``): a fraction ``--scenes`` are
+overlapping-world scenes, the rest are spread evenly over the seven disjoint-world domains and their
+classes, so one checkpoint serves both worlds. Every step takes a batch from a seeded permutation of the
+pool and re-draws each caption. A scene's caption names each factor with probability ``--keep`` (attribute
+dropout), so the text tower learns short phrases like the downstream templates, and no factor alone
+suffices to tell a batch's captions apart (with full captions the easy factors, colour and texture, do,
+and shape and position are never learned); a domain image's caption is one of its task's templates filled
+with the class name (probability ``--domain-keep``) or a phrase naming the domain only. Two values per
+target factor and two classes per target domain are never named (:data:`UNNAMED`,
+:attr:`vision.demo.domains.Domain.unnamed`), so zero-shot accuracy stays clearly below fine-tuned accuracy.
 Loss: CLIP's symmetric cross-entropy with a learned temperature. AdamW, linear warm-up, cosine decay.
 
 The checkpoint is an open_clip state dict in safetensors, stored as float16 (``load_state_dict`` casts
@@ -22,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -32,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import FACTORS, IMAGE_SIZE, TASKS, caption, render, sample_scene, scene_rng
+from .domains import DOMAINS
+from .world import FACTORS, IMAGE_SIZE, TASKS, caption, draw_example, render, sample_scene, scene_rng
 
 #: Two values of each target task's factor that pre-training captions never name (the images still occur,
 #: captioned without that factor): the text tower never learns those words, so a zero-shot head can at
@@ -53,16 +59,34 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (x - _MEAN) / _STD
 
 
-def draw_pool(n: int, seed: int, purpose: str = "pretrain", **fixed: str) -> tuple[np.ndarray, list]:
-    """``n`` scenes and their images (uint8, (n, 48, 48, 3)), deterministic in (seed, purpose)."""
+def draw_pool(n: int, seed: int, scenes: float = 1.0, purpose: str = "pretrain") -> tuple[np.ndarray, list]:
+    """``n`` images (uint8, (n, 48, 48, 3)) and what they show, deterministic in (seed, purpose).
+
+    A fraction ``scenes`` of them (rounded) are overlapping-world scenes (item: a :class:`Scene`), the
+    others cycle through the disjoint domains and their classes (item: ``(domain name, label)``).
+    """
     rng = scene_rng(seed, purpose)
+    n_scenes = int(round(n * scenes))
+    pairs = [(d.name, k) for d in DOMAINS.values() for k in range(d.n_classes)]
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    scenes = []
+    items: list = []
     for i in range(n):
-        s = sample_scene(rng, **fixed)
-        images[i] = render(s, rng)
-        scenes.append(s)
-    return images, scenes
+        if i < n_scenes:
+            s = sample_scene(rng)
+            images[i] = render(s, rng)
+            items.append(s)
+        else:
+            name, label = pairs[(i - n_scenes) % len(pairs)]
+            images[i] = DOMAINS[name].draw(label, rng)
+            items.append((name, label))
+    return images, items
+
+
+def pretrain_caption(item, rng: np.random.Generator, keep: dict[str, float], domain_keep: float) -> str:
+    """A freshly drawn caption of a pool item (a scene, or a (domain, label) pair)."""
+    if isinstance(item, tuple):
+        return DOMAINS[item[0]].caption(item[1], rng, keep=domain_keep)
+    return caption(item, rng, keep=keep, unnamed=UNNAMED)
 
 
 def create_model(seed: int = 0):
@@ -79,15 +103,15 @@ def create_model(seed: int = 0):
 
 @torch.no_grad()
 def zeroshot_accuracy(model, tokenizer, n: int = 400, seed: int = 12345) -> dict[str, float]:
-    """Zero-shot accuracy of every demo task on ``n`` fresh scenes per task (templates averaged)."""
+    """Zero-shot accuracy of every demo task (both worlds) on ``n`` fresh images per task (templates averaged)."""
     from vision.models import zeroshot_head
 
     model.eval()
     out = {}
     for name, task in TASKS.items():
         rng = scene_rng(seed, "zeroshot", name)
-        labels = np.arange(n) % len(task.values)
-        images = np.stack([render(sample_scene(rng, **{task.factor: task.values[y]}), rng) for y in labels])
+        labels = np.arange(n) % task.n_classes
+        images = np.stack([draw_example(task, int(y), rng)[0] for y in labels])
         head = zeroshot_head(model, tokenizer, task.classnames, task.templates)  # (C, D)
         feats = F.normalize(model.encode_image(to_tensor(images)), dim=-1)
         pred = (feats @ head.T).argmax(-1).numpy()
@@ -107,7 +131,7 @@ def pretrain(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     t_start, c_start = time.time(), time.process_time()
-    images, scenes = draw_pool(args.pool, args.seed)
+    images, items = draw_pool(args.pool, args.seed, args.scenes)
     t_pool = time.time() - t_start
     model, tokenizer = create_model(args.seed)
     model.train()
@@ -124,7 +148,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         if len(order) < args.batch_size:
             order = np.concatenate([order, rng.permutation(args.pool)])
         idx, order = order[: args.batch_size], order[args.batch_size :]
-        texts = tokenizer([caption(scenes[i], rng, keep=args.keep, unnamed=UNNAMED) for i in idx])
+        texts = tokenizer([pretrain_caption(items[i], rng, args.keep, args.domain_keep) for i in idx])
         img_f = F.normalize(model.encode_image(to_tensor(images[idx])), dim=-1)
         txt_f = F.normalize(model.encode_text(texts), dim=-1)
         logits = model.logit_scale.exp() * img_f @ txt_f.T
@@ -136,7 +160,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{lr:.1e}")
     t_train, c_train = time.time() - t_start, time.process_time() - c_start
@@ -183,14 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT), help="checkpoint path (.safetensors)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool", type=int, default=40000, help="scenes drawn once for pre-training")
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--pool", type=int, default=40000, help="images drawn once for pre-training")
+    p.add_argument("--scenes", type=float, default=0.4,
+                   help="fraction of the pool from the overlapping world (the rest: the disjoint domains)")
+    p.add_argument("--domain-keep", type=float, default=0.8,
+                   help="probability that a domain image's caption names its class (never for held-out classes)")
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--keep", type=_keep, default=_keep(DEFAULT_KEEP),
-                   help="probability that a caption names a factor: one number, or factor=p pairs")
+                   help="probability that a scene's caption names a factor: one number, or factor=p pairs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -207,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "pool_seconds": round(res["pool_seconds"], 1), "train_seconds": round(res["train_seconds"], 1),
             "train_cpu_seconds": round(res["train_cpu_seconds"], 1),
             "final_loss": float(np.mean(res["losses"][-50:])), "zeroshot_fresh_scenes": res["zeroshot"],
-            "versions": versions(), "git_commit": git_commit(), "torch_threads": args.threads}
+            "versions": versions(), "git_commit": git_commit(), "torch_threads": args.threads,
+            # CPU time is inflated, and wall time meaningless, on a shared machine: record how busy it was
+            "load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
     out = Path(args.out)
     sha = save_checkpoint(res["model"], out, meta)
     print(json.dumps({k: meta[k] for k in ("command", "train_seconds", "final_loss", "zeroshot_fresh_scenes")}, indent=1))

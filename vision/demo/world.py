@@ -1,6 +1,11 @@
-"""The demo world: procedurally drawn scenes with captions, deterministic from a seed, no downloads.
+"""The demo's two worlds of procedurally drawn, captioned images, deterministic from a seed, no downloads.
 
-A scene (48x48 RGB) holds ``count`` copies of one object (``shape``, ``colour``, ``size``), each in its own
+* ``disjoint`` (the default): seven image domains, one task each, no two alike (:mod:`vision.demo.domains`),
+  like the paper's datasets.
+* ``overlapping``: every task reads the *same* scenes and asks about one factor of them (below); a task's
+  update changes every other task's inputs' features, the setting of the paper's third open question.
+
+An overlapping-world scene (48x48 RGB) holds ``count`` copies of one object (``shape``, ``colour``, ``size``), each in its own
 cell of the 8 px grid, in one half of the image (``position``), a rendered letter (``glyph``) in the other half, all over a background
 pattern (``texture``)::
 
@@ -18,12 +23,13 @@ background brightness, stripe orientation, glyph scale, pixel noise) are random 
 scene names its factors, e.g. ``"two large blue triangle shapes on the left side, with the letter k, on
 a dotted background"``; pre-training captions name a random subset of them (:func:`caption`).
 
-Each downstream task (:data:`TASKS`) asks about one factor; its class names and zero-shot templates use
-the words of the captions. :func:`write_tasks` writes them as image folders
+Each overlapping task (:data:`SCENE_TASKS`) asks about one factor; its class names and zero-shot templates use
+the words of the captions. :data:`TASKS` holds the tasks of both worlds, :data:`WORLDS` their target and
+control tasks. :func:`write_tasks` writes them as image folders
 ``<location>/toy_world/<Task>/{train,test}/<k>_<class>/<i>.png`` (``vision.demo.tasks`` registers them
 with ``vision.datasets``). Everything is a pure function of the seed: same seed, same bytes.
 
-    python -m vision.demo.world --data-location out/demo/data          # all tasks, default sizes
+    python -m vision.demo.world --data-location out/demo/data          # every task, default sizes
 """
 from __future__ import annotations
 
@@ -33,16 +39,17 @@ import shutil
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+from .domains import DISJOINT_CONTROL, DISJOINT_TARGETS, DOMAINS, IMAGE_SIZE, Domain
+
 __all__ = [
-    "FACTORS", "TASKS", "TARGET_TASKS", "CONTROL_TASK", "IMAGE_SIZE", "SUBDIR", "Scene", "Task",
-    "sample_scene", "render", "caption", "scene_rng", "write_tasks", "class_folder",
+    "FACTORS", "SCENE_TASKS", "TASKS", "WORLDS", "TARGET_TASKS", "CONTROL_TASK", "IMAGE_SIZE", "SUBDIR", "Scene",
+    "Task", "sample_scene", "render", "caption", "scene_rng", "write_tasks", "class_folder", "draw_example",
 ]
 
-IMAGE_SIZE = 48
 SUBDIR = "toy_world"
 _MARKER = ".toy_world.json"
 
@@ -90,11 +97,15 @@ class Task:
     def values(self) -> tuple[str, ...]:
         return FACTORS[self.factor]
 
+    @property
+    def n_classes(self) -> int:
+        return len(self.values)
+
 
 _COUNT_NAMES = ("one shape", "two shapes", "three shapes", "four shapes")
 
-#: The six target tasks, then the negation control (size). Names must not end in "Val".
-TASKS: dict[str, Task] = {t.name: t for t in (
+#: The overlapping world's six target tasks, then its negation control (size). Names must not end in "Val".
+SCENE_TASKS: dict[str, Task] = {t.name: t for t in (
     Task("ToyShape", "shape", FACTORS["shape"],
          ("a {} shape.", "an image of {} shapes.", "a picture with a {} shape.")),
     Task("ToyColor", "colour", FACTORS["colour"],
@@ -113,10 +124,20 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 TARGET_TASKS = ["ToyShape", "ToyColor", "ToyCount", "ToyPosition", "ToyTexture", "ToyGlyph"]
 CONTROL_TASK = "ToySize"
 
+AnyTask = Union[Task, Domain]
+#: Every demo task of both worlds (the disjoint domains and the overlapping scene tasks).
+TASKS: dict[str, AnyTask] = {**DOMAINS, **SCENE_TASKS}
+#: world -> (target tasks, negation control task).
+WORLDS: dict[str, tuple[list[str], str]] = {
+    "disjoint": (DISJOINT_TARGETS, DISJOINT_CONTROL),
+    "overlapping": (TARGET_TASKS, CONTROL_TASK),
+}
 
-def class_folder(task: Task, label: int) -> str:
+
+def class_folder(task: AnyTask, label: int) -> str:
     """Folder name of class ``label``: ``<label>_<value>`` so that sorted folders give label order."""
-    return f"{label}_{task.values[label]}"
+    value = task.values[label] if isinstance(task, Task) else task.classnames[label]
+    return f"{label}_{value}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +330,14 @@ def _prepare(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
+def draw_example(task: AnyTask, label: int, rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
+    """One image of class ``label`` of ``task``: (uint8 (48, 48, 3), full caption, factors)."""
+    if isinstance(task, Domain):
+        return task.draw(label, rng), task.caption(label), {"domain": task.name, "class": task.classnames[label]}
+    scene = sample_scene(rng, **{task.factor: task.values[label]})
+    return render(scene, rng), caption(scene), asdict(scene)
+
+
 def write_tasks(
     location: str | Path,
     tasks: Iterable[str] | None = None,
@@ -333,26 +362,25 @@ def write_tasks(
         task = TASKS[name]
         folder = root / name
         meta = {"task": name, "n_train": n_train, "n_test": n_test, "seed": seed, "image_size": IMAGE_SIZE,
-                "classes": [class_folder(task, i) for i in range(len(task.values))]}
+                "classes": [class_folder(task, i) for i in range(task.n_classes)]}
         marker = folder / _MARKER
         if marker.is_file() and json.loads(marker.read_text()) == meta:
             out[name] = folder
             continue
         _prepare(folder)
         for split, n in (("train", n_train), ("test", n_test)):
-            if n < len(task.values):
+            if n < task.n_classes:
                 raise ValueError(f"{name}: {split} needs at least one image per class, got {n}")
             rng = scene_rng(seed, "task", name, split)
-            for i in range(len(task.values)):
+            for i in range(task.n_classes):
                 (folder / split / class_folder(task, i)).mkdir(parents=True, exist_ok=True)
             lines = []
             for i in range(n):
-                label = i % len(task.values)
-                scene = sample_scene(rng, **{task.factor: task.values[label]})
+                label = i % task.n_classes
+                image, text, factors = draw_example(task, label, rng)
                 rel = f"{split}/{class_folder(task, label)}/{i:05d}.png"
-                Image.fromarray(render(scene, rng), mode="RGB").save(folder / rel)
-                lines.append(json.dumps({"path": rel, "label": label, "caption": caption(scene),
-                                         "factors": asdict(scene)}))
+                Image.fromarray(image, mode="RGB").save(folder / rel)
+                lines.append(json.dumps({"path": rel, "label": label, "caption": text, "factors": factors}))
             (folder / split / "captions.jsonl").write_text("\n".join(lines) + "\n")
         marker.write_text(json.dumps(meta, indent=1) + "\n")
         out[name] = folder
@@ -362,7 +390,7 @@ def write_tasks(
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     p = argparse.ArgumentParser(description="Write the demo world's downstream tasks as image folders")
     p.add_argument("--data-location", required=True)
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: both worlds)")
     p.add_argument("--n-train", type=int, default=1000, help="images per task in the train split (10%% become Val)")
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
