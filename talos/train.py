@@ -250,65 +250,14 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup, total, cfg.schedule)
     )
-    step = 0
-    seconds_before = 0.0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    if ckpt is not None and ckpt.exists() and dist.is_main() and (bad := check_artifact(ckpt, legacy_ok=True)):
-        logger.warning("discarding checkpoint %s (%s): training restarts from step 0", ckpt, bad)
-        forget_artifact(ckpt)
-        ckpt.unlink()
-    dist.barrier()
-    if ckpt is not None and ckpt.exists():
-        state = torch_load(ckpt)
-        check_resume_config(ckpt, state.get("config", {}), cfg)
-        seconds_before = float(state.get("seconds", 0.0))
-        named = dict(named_params)
-        if set(state["params"]) != set(named):
-            raise ValueError(f"checkpoint {ckpt} does not match the trainable parameters of this run")
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                if named[k].shape != v.shape:
-                    raise ValueError(f"checkpoint {ckpt}: shape mismatch for {k}")
-                named[k].copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
-        _set_rng_state(rngs[rank] if isinstance(rngs, list) and len(rngs) == world else
-                       (rngs[0] if isinstance(rngs, list) else rngs))
-        step = int(state["step"])
-        logger.info("resumed from %s at step %d/%d", ckpt, step, total)
+    step, seconds_before = _restore(ckpt, named_params, opt, sched, cfg, total)
 
     def save_checkpoint() -> None:
-        if ckpt is None:
-            return
-        rngs = [_rng_state()]
-        if world > 1:  # every rank's RNG (augmentations differ per rank), saved by rank 0
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, _rng_state())
-        if dist.is_main():
-            atomic_torch_save(ckpt, {
-                "step": step,
-                "params": {n_: p.detach().cpu() for n_, p in named_params},
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": rngs,
-                "config": asdict(cfg),
-                "seconds": seconds_before + time.time() - t0,
-            })
-            record_artifact(ckpt)
-        dist.barrier()
+        _save_checkpoint(ckpt, step, named_params, opt, sched, cfg, seconds_before + time.time() - t0)
 
-    runner = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    bar = None
-    if progress and dist.is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="fine-tuning", leave=False)
+    runner = _wrap_ddp(model, device)
+    bar = _progress_bar(progress, total, step)
     model.train()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     t0 = time.time()
@@ -318,37 +267,11 @@ def train(
         plan = _epoch_batches(n, cfg.batch_size, micro, cfg.seed, epoch)[in_epoch:]
         if world > 1:  # this rank's contiguous share of each global batch, in micro-batches
             plan = [_rank_share(step_mbs, rank, world, cfg.accumulation) for step_mbs in plan]
-        flat = [mb for s in plan for mb in s]
-        # augmentations drawn per (epoch, example): independent of workers, resume point, earlier stages
-        seeded = SeededDataset(dataset, cfg.seed, "train-augment", epoch)
-        loader = torch.utils.data.DataLoader(
-            seeded, batch_sampler=_Indices(flat), num_workers=cfg.num_workers, collate_fn=collate_fn,
-            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-            pin_memory=device.type == "cuda",
-        )
-        it = iter(loader)
+        it = iter(_epoch_loader(dataset, [mb for s in plan for mb in s], cfg, epoch, collate_fn, device))
         for micro_batches in plan:
             if step >= total:
                 break
-            batch_n = _global_count(micro_batches, world, device)
-            loss_sum = 0.0
-            for i, mb in enumerate(micro_batches):
-                batch = next(it)
-                # dropout: its own stream per (step, rank, micro-batch), seeded after loading (see talos.rng)
-                seed_all(stream_seed(cfg.seed, "dropout", step, rank, i))
-                last = i == len(micro_batches) - 1
-                sync = runner.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        loss = loss_fn(runner, batch)
-                    # weight each micro-batch by its share of the global batch; DDP averages over ranks,
-                    # hence the factor world: the gradient is the mean over the whole global batch
-                    (loss * (_count(mb) * world / batch_n)).backward()
-                loss_sum += float(loss.detach()) * _count(mb) / batch_n
-            if world > 1:
-                t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-                dist.all_reduce_sum_([t])
-                loss_sum = float(t.item())
+            loss_sum = _accumulate(runner, it, micro_batches, loss_fn, autocast, cfg, step, device)
             # the norm over all gradients (inf max_norm: measured, not clipped) catches NaN/inf gradients
             gnorm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
                                                    cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
@@ -377,6 +300,120 @@ def train(
     return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": seconds_before + time.time() - t0,
             "interrupted": False}
 
+
+
+def _save_checkpoint(ckpt: Path | None, step: int, named_params: Sequence[tuple[str, nn.Parameter]],
+                     opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, seconds: float) -> None:
+    """Atomically write the resume state (rank 0; every rank's RNG state gathered) and record it in the manifest."""
+    if ckpt is None:
+        return
+    world = dist.world_size()
+    rngs = [_rng_state()]
+    if world > 1:  # every rank's RNG (augmentations differ per rank), saved by rank 0
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, _rng_state())
+    if dist.is_main():
+        atomic_torch_save(ckpt, {
+            "step": step,
+            "params": {n_: p.detach().cpu() for n_, p in named_params},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rngs,
+            "config": asdict(cfg),
+            "seconds": seconds,
+        })
+        record_artifact(ckpt)
+    dist.barrier()
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module the loss is computed through: DistributedDataParallel under torchrun, else ``model`` itself."""
+    if dist.world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _progress_bar(progress: bool, total: int, step: int) -> Any:
+    """A tqdm bar over optimizer steps on rank 0 (None when hidden)."""
+    if not (progress and dist.is_main()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, desc="fine-tuning", leave=False)
+
+
+def _restore(ckpt: Path | None, named_params: Sequence[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer,
+             sched: Any, cfg: TrainConfig, total: int) -> tuple[int, float]:
+    """Load the resume checkpoint into params, optimizer, scheduler and RNGs: (step, seconds spent before).
+
+    A checkpoint whose manifest entry does not check out is discarded (training restarts from step 0); one
+    written under a different training configuration is refused (:func:`check_resume_config`).
+    """
+    world, rank = dist.world_size(), dist.rank()
+    if ckpt is not None and ckpt.exists() and dist.is_main() and (bad := check_artifact(ckpt, legacy_ok=True)):
+        logger.warning("discarding checkpoint %s (%s): training restarts from step 0", ckpt, bad)
+        forget_artifact(ckpt)
+        ckpt.unlink()
+    dist.barrier()
+    if ckpt is None or not ckpt.exists():
+        return 0, 0.0
+    state = torch_load(ckpt)
+    check_resume_config(ckpt, state.get("config", {}), cfg)
+    named = dict(named_params)
+    if set(state["params"]) != set(named):
+        raise ValueError(f"checkpoint {ckpt} does not match the trainable parameters of this run")
+    with torch.no_grad():
+        for k, v in state["params"].items():
+            if named[k].shape != v.shape:
+                raise ValueError(f"checkpoint {ckpt}: shape mismatch for {k}")
+            named[k].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    _set_rng_state(rngs[rank] if isinstance(rngs, list) and len(rngs) == world else
+                   (rngs[0] if isinstance(rngs, list) else rngs))
+    step = int(state["step"])
+    logger.info("resumed from %s at step %d/%d", ckpt, step, total)
+    return step, float(state.get("seconds", 0.0))
+
+
+def _epoch_loader(dataset: torch.utils.data.Dataset, indices: list, cfg: TrainConfig, epoch: int,
+                  collate_fn: Callable | None, device: torch.device) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of one epoch, in order. Augmentations are drawn per (epoch, example), so they do
+    not depend on the number of workers, the resume point or what earlier stages consumed (talos.rng)."""
+    seeded = SeededDataset(dataset, cfg.seed, "train-augment", epoch)
+    return torch.utils.data.DataLoader(
+        seeded, batch_sampler=_Indices(indices), num_workers=cfg.num_workers, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch), pin_memory=device.type == "cuda",
+    )
+
+
+def _accumulate(runner: nn.Module, it: Any, micro_batches: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor],
+                autocast: Any, cfg: TrainConfig, step: int, device: torch.device) -> float:
+    """Forward and backward every micro-batch of one optimizer step; returns the step's mean loss (all ranks)."""
+    world, rank = dist.world_size(), dist.rank()
+    batch_n = _global_count(micro_batches, world, device)
+    loss_sum = 0.0
+    for i, mb in enumerate(micro_batches):
+        batch = next(it)
+        # dropout: its own stream per (step, rank, micro-batch), seeded after loading (see talos.rng)
+        seed_all(stream_seed(cfg.seed, "dropout", step, rank, i))
+        last = i == len(micro_batches) - 1
+        sync = runner.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                loss = loss_fn(runner, batch)
+            # weight each micro-batch by its share of the global batch; DDP averages over ranks,
+            # hence the factor world: the gradient is the mean over the whole global batch
+            (loss * (_count(mb) * world / batch_n)).backward()
+        loss_sum += float(loss.detach()) * _count(mb) / batch_n
+    if world > 1:
+        t = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+        dist.all_reduce_sum_([t])
+        loss_sum = float(t.item())
+    return loss_sum
 
 class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the run is left incomplete (its checkpoint, if any,
