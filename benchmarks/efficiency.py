@@ -58,7 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -452,7 +452,7 @@ def job_calibration(job: dict, cfg: Config) -> dict:
     next to a plain forward+backward and the anchor algorithm on the same calibration batches."""
     import torch
 
-    from talos.fisher import draw_labels, fisher_scores, per_example_objective
+    from talos.fisher import fisher_scores
     from talos.modes import get_mode
 
     b = build_bench(job["domain"], job["spec"], cfg)
@@ -517,8 +517,26 @@ def job_calibration(job: dict, cfg: Config) -> dict:
         p.requires_grad_(True)
     model.eval()
 
-    # The anchor (official code): batched forward, then for each example one backward through the whole batch
-    # graph (retain_graph), squared gradients accumulated (on the host in the official code; here in place).
+    anchor_s, B, k = _anchor_per_example(b, leaves, cfg, clock)
+    return {
+        "per_example_s": total / (cfg.rounds * b.n_calib),
+        "plain_fwdbwd_per_example_s": statistics.median(plain_times),
+        "anchor_per_example_s": anchor_s,
+        "total_s": total, "rounds": cfg.rounds, "examples": b.n_calib, "batch": B,
+        "anchor_backwards_timed": k, "peak_mem_mb": peak, "clock": clock.__name__,
+        "frozen_tensors": sum(not bool(m.any()) for m in masks.values()),
+        "density": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
+    }
+
+
+def _anchor_per_example(b: "Bench", leaves: list, cfg: Config, clock: Callable[[], float]) -> tuple[float, int, int]:
+    """The anchor (official code) on the first calibration batch: one batched forward, then for each example one
+    backward through the whole batch graph (retain_graph), squared gradients accumulated (on the host in the
+    official code; here in place). Returns (seconds per example, batch size, backwards timed)."""
+    import torch
+
+    from talos.fisher import draw_labels, per_example_objective
+
     batch = b.calib_batches[0]
     B = _batch_size(batch)
     k = B if cfg.anchor_examples <= 0 else min(B, cfg.anchor_examples)
@@ -526,7 +544,7 @@ def job_calibration(job: dict, cfg: Config) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     _sync(cfg)
     t = clock()
-    out = b.forward_fn(model, batch)
+    out = b.forward_fn(b.model, batch)
     obj = per_example_objective(out, draw_labels(out, 1, gen), b.fisher_target)
     _sync(cfg)
     t_fwd = clock() - t
@@ -539,16 +557,7 @@ def job_calibration(job: dict, cfg: Config) -> dict:
                 s += gr.float().square()
         _sync(cfg)
         bwd.append(clock() - t)
-    del out, obj
-    return {
-        "per_example_s": total / (cfg.rounds * b.n_calib),
-        "plain_fwdbwd_per_example_s": statistics.median(plain_times),
-        "anchor_per_example_s": t_fwd / B + statistics.mean(bwd),
-        "total_s": total, "rounds": cfg.rounds, "examples": b.n_calib, "batch": B,
-        "anchor_backwards_timed": k, "peak_mem_mb": peak, "clock": clock.__name__,
-        "frozen_tensors": sum(not bool(m.any()) for m in masks.values()),
-        "density": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
-    }
+    return t_fwd / B + statistics.mean(bwd), B, k
 
 
 def _batch_size(batch) -> int:
