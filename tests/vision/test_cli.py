@@ -277,6 +277,8 @@ def test_hash_of_the_real_default_configuration_is_pinned():
     assert (talos_run.hash, std_run.hash) == ("f3385b6fdd", "f7e53250c9")
     assert run("--precision", "bf16").hash != talos_run.hash
     assert run("--activation", "gelu", "--allow-activation-mismatch").hash != talos_run.hash
+    no_ln = run("--no-count-text-ln-final")
+    assert no_ln.hparams["zero_score_entries"] == 0 and no_ln.hash != talos_run.hash
 
 
 def test_merge_variant_is_part_of_the_evaluation_hash():
