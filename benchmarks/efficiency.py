@@ -352,14 +352,15 @@ def build_bench(domain: str, spec: dict, cfg: Config) -> Bench:
     raise ValueError(f"unknown domain {domain!r}")
 
 
-def make_context(b: Bench, cfg: Config, load_task_vector=None):
-    from talos.modes import ModeContext
+def make_context(b: Bench, cfg: Config, load_task_vector=None, mode: str = "talos"):
+    from talos.modes import ModeContext, get_mode
 
+    settings = get_mode(mode).settings.from_values(
+        {"sparsity": cfg.sparsity, "calibration_rounds": cfg.rounds, "fisher_target": b.fisher_target})
     return ModeContext(
         model=b.model, eligible=list(b.eligible), dense=list(b.dense), forward_fn=b.forward_fn,
-        calibration_batches=lambda: b.calib_batches, sparsity=cfg.sparsity, rounds=cfg.rounds,
-        fisher_target=b.fisher_target, seed=cfg.seed, progress=False, lora_targets=b.lora_targets,
-        load_task_vector=load_task_vector,
+        calibration_batches=lambda: b.calib_batches, settings=settings, seed=cfg.seed, progress=False,
+        lora_targets=b.lora_targets, load_task_vector=load_task_vector,
     )
 
 
@@ -417,7 +418,7 @@ def job_train(job: dict, cfg: Config) -> dict:
     mode = get_mode(job["mode"])
     manifest = json.loads((Path(job["workdir"]) / "masks.json").read_text())
     masks = load_tensors(manifest[mode.name]) if manifest.get(mode.name) else None
-    ctx = make_context(b, cfg)
+    ctx = make_context(b, cfg, mode=mode.name)
     named = dict(b.model.named_parameters())
     eligible_params = [named[n] for n in b.eligible]  # by identity: LoRA parametrizations rename them
     base = _rss_mb("VmRSS")
@@ -584,7 +585,7 @@ def job_masks(job: dict, cfg: Config) -> dict:
             from talos.train import build_optimizer
 
             b2 = build_bench(job["domain"], job["spec"], cfg)
-            ctx2 = make_context(b2, cfg)
+            ctx2 = make_context(b2, cfg, mode=src)
             m2 = get_mode(src)
             st = m2.prepare(ctx2, m2.masks(ctx2))
             opt = build_optimizer(st.named_params, st.masks, st.dense, b2.lr * 10, b2.wd)
@@ -593,7 +594,7 @@ def job_masks(job: dict, cfg: Config) -> dict:
             st.cleanup()
             return tau
 
-        masks = mode.masks(make_context(b, cfg, load_task_vector))
+        masks = mode.masks(make_context(b, cfg, load_task_vector, mode=mode.name))
         if masks is None:
             manifest[name] = None
         else:

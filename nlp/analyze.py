@@ -10,7 +10,6 @@ its numbers go to ``SAVE/nlp/<model>/eval/figure_<FIGURE>/<hash>/`` (skipped whe
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,10 +20,11 @@ if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repos
 import torch
 
 from talos import distributed as dist
+from talos.app.flags import Config
 from talos.analysis.figures import AnalysisDomain, LoadedModel, main as analysis_main
-from talos.pipeline import EditEvaluator
+from talos.stages import EditEvaluator
 
-from nlp.args import build_parser, validate
+from nlp.args import DOMAIN as SETTINGS
 from nlp.common import DOMAIN, RUNS, Batches, NLPSetup, data_kwargs
 from nlp.datasets import check_tasks
 from nlp.scoring import choice_log_likelihoods
@@ -35,7 +35,7 @@ class SubsetSetup(NLPSetup):
     calibration batches keep the whole validation split)."""
 
     def eval_batches(self, task: str, split: str) -> list[dict[str, Any]]:
-        n = getattr(self.args, "max_examples", None)
+        n = self.args.max_examples
         exs = self.examples(task, split)
         if n is None or n >= len(exs):
             return super().eval_batches(task, split)
@@ -47,7 +47,7 @@ class SubsetSetup(NLPSetup):
         return self._eval_batches[key]
 
 
-def load(args: argparse.Namespace) -> LoadedModel:
+def load(args: Config) -> LoadedModel:
     """The language model of ``args`` and the figures' hooks on it (evaluation as in nlp/evaluate.py)."""
     setup = SubsetSetup(args)
 
@@ -66,7 +66,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
                        calibration_batches=lambda task: setup.batches(task, "val", args.calibration_batch_size))
 
 
-NLP = AnalysisDomain(name=DOMAIN, runs=RUNS, build_parser=build_parser, validate=validate,
+NLP = AnalysisDomain(name=DOMAIN, runs=RUNS, settings=SETTINGS,
                      check_data=lambda args, tasks: check_tasks(tasks, splits=("val", "test"), **data_kwargs(args)),
                      load=load)
 

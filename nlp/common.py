@@ -1,7 +1,6 @@
 """Shared plumbing of the NLP scripts: model + tokenizer, prompted examples and batches, run paths, evaluator."""
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -9,11 +8,11 @@ import torch
 from torch import nn
 
 from talos import distributed as dist
-from talos.cli import RunPaths
+from talos.app.flags import Config
 from talos.modes import get_mode
-from talos.pipeline import EditEvaluator
+from talos.stages import EditEvaluator
 
-from .args import finetune_hparams
+from .args import RUNS
 from .datasets import get_examples
 from .models import decoder_start_id, eligible_parameters, load_model, load_tokenizer
 from .scoring import Example, RankCollator, choice_log_likelihoods
@@ -22,13 +21,12 @@ logger = logging.getLogger("talos")
 DOMAIN = "nlp"
 
 
-RUNS = RunPaths(DOMAIN, finetune_hparams)
 finetune_run = RUNS.finetune  # (args, task) -> FinetuneRun
 eval_run = RUNS.evaluation  # (args, protocol, extra=None) -> EvalRun
 load_task_vectors = RUNS.task_vectors  # (args, tasks, mode=None) -> {task: TaskVector}
 
 
-def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def data_kwargs(args: Config) -> dict[str, Any]:
     """Where the task readers look for data."""
     return {"data_location": args.data_location, "storycloze_dir": args.storycloze_dir, "cache_dir": args.cache_dir}
 
@@ -50,7 +48,7 @@ class Batches:
 class NLPSetup:
     """One language model for a whole script: tokenizer, model, eligible parameters and batch builders."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: Config) -> None:
         self.args = args
         self.device = torch.device(args.device)
         self.tokenizer = load_tokenizer(args.tokenizer or args.model, args.cache_dir)
@@ -102,7 +100,7 @@ class NLPSetup:
         return float(counts[0]) / max(1.0, float(counts[1]))
 
 
-def make_evaluator(args: argparse.Namespace) -> EditEvaluator:
+def make_evaluator(args: Config) -> EditEvaluator:
     """``evaluate(edit, task, split)`` for ``args``' mode (through the linearized model when it needs it)."""
     setup = NLPSetup(args)
     return EditEvaluator(setup.model, setup.eligible, setup.accuracy,

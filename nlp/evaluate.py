@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (nlp/datasets.py would shadow HF `datasets`)
 
 from talos import distributed as dist
-from talos.pipeline import evaluate_from_args
+from talos.app.jobs import evaluate
 
 from nlp.args import parse_args
 from nlp.common import RUNS, data_kwargs, make_evaluator
@@ -30,9 +30,9 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one protocol for ``--finetuning-mode`` over ``--eval-datasets``; returns its results."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, description=__doc__)
-    args.device = dist.init_from_env(args.device)  # torchrun: evaluation examples are sharded over ranks
-    return evaluate_from_args(
-        protocol, args, argv, runs=RUNS,
+    args = args.replace(device=dist.init_from_env(args.device))  # torchrun: evaluation examples are sharded over ranks
+    return evaluate(
+        protocol, args, runs=RUNS,
         check_data=lambda tasks: check_tasks(tasks, splits=("val", "test"), **data_kwargs(args)),
         make_evaluator=lambda: make_evaluator(args))
 

@@ -21,7 +21,8 @@ import torch
 
 from talos import distributed as dist
 from talos.analysis.drift import GradientDrift
-from talos.pipeline import finetune_with_mode, mode_context, start_finetune
+from talos.app.jobs import mode_context, start_finetune
+from talos.stages import finetune_with_mode
 from talos.train import TrainConfig
 
 from nlp.args import parse_args
@@ -49,15 +50,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or skip, or resume) one fine-tuning job; returns its metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, need_train_dataset=True, description=__doc__)
-    args.device = dist.init_from_env(args.device)  # torchrun: join the process group, one GPU per rank
+    args = args.replace(device=dist.init_from_env(args.device))  # torchrun: join the process group, one GPU per rank
     task = args.train_dataset
     check_tasks([task], splits=("train", "val"), **data_kwargs(args))  # fail before loading any model
-    job = start_finetune(args, argv, runs=RUNS)
+    job = start_finetune(args, runs=RUNS)
+    args = job.cfg  # (posthoc fine-tunes its source mode)
     if job.done is not None:
         return job.done
     setup = NLPSetup(args)
     ctx = mode_context(
-        args, job.tracker, runs=RUNS, model=setup.model, eligible=setup.eligible,
+        job, runs=RUNS, model=setup.model, eligible=setup.eligible,
         dense=[], forward_fn=choice_log_likelihoods, lora_targets=lora_targets,
         calibration_batches=lambda: setup.batches(task, "val", args.calibration_batch_size))
     # an optimizer step sees batch_size x accumulation examples; the lr is constant (paper-notes §1.4)

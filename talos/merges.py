@@ -4,7 +4,7 @@ Two variants of every method: ``variant="paper"`` (this module, the library defa
 definitions below; ``variant="official"`` (:mod:`talos.official_merges`, the scripts' default
 ``--merge-variant``) reproduces the official TaLoS scripts that produced the paper's baseline rows, which
 differ in ways that change the numbers (that module lists them). Registered methods (paper hyperparameters
-and defaults in :data:`MERGE_HPARAMS`, official ones from :func:`hparams_of`):
+and defaults from :func:`hparams_of`, read from each function's keyword-only parameters):
 
 * ``sum``          task arithmetic, Σ_t τ_t.
 * ``ties``         TIES-Merging (Yadav et al., 2023): global top-k trim, sign election, disjoint mean.
@@ -38,7 +38,8 @@ from .task_vector import TaskVector
 
 __all__ = [
     "MERGES",
-    "MERGE_HPARAMS",
+    "all_hparams",
+    "hparams_of",
     "MergeFn",
     "merge",
     "merge_sum",
@@ -279,10 +280,6 @@ def _takes_any_kwargs(fn: MergeFn) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
-#: method name -> {hyperparameter: default} for every method registered in this module.
-MERGE_HPARAMS: dict[str, dict[str, Any]] = {name: _hparams_of(MERGES.get(name)) for name in MERGES.names()}
-
-
 VARIANTS = ("paper", "official")
 
 
@@ -300,6 +297,12 @@ def hparams_of(name: str, variant: str = "paper") -> dict[str, Any]:
     return _hparams_of(MERGES.get(name))
 
 
+def _has_official_rules(name: str) -> bool:
+    """Whether the official scripts have their own rules for ``name`` (a merge registered elsewhere, and
+    ``sum``, have one definition for both variants)."""
+    return name in _official_hparams()
+
+
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown merge variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
@@ -315,7 +318,7 @@ def merge(name: str, vectors: Mapping[str, TaskVector], variant: str = "paper",
     ValueError listing the accepted ones; out-of-range values raise ValueError from the method.
     """
     _check_hparams(name, hparams, variant)
-    if variant == "official" and name != "sum":
+    if variant == "official" and _has_official_rules(name):
         from .official_merges import OFFICIAL
 
         return OFFICIAL[name].addition(vectors, **hparams)
@@ -327,7 +330,7 @@ def _check_hparams(name: str, hparams: Mapping[str, Any], variant: str = "paper"
     fn = MERGES.get(name)
     accepted = hparams_of(name, variant)
     unknown = sorted(set(hparams) - set(accepted))
-    if unknown and not (variant == "paper" and _takes_any_kwargs(fn)):
+    if unknown and not ((variant == "paper" or not _has_official_rules(name)) and _takes_any_kwargs(fn)):
         listed = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "none"
         raise ValueError(
             f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for merge method {name!r}; "
@@ -357,7 +360,7 @@ def negation_edits(name: str, vectors: Mapping[str, TaskVector], variant: str = 
     (unknown method, variant or hyperparameter, bad values) is that of :func:`merge`.
     """
     _check_hparams(name, hparams, variant)
-    if variant == "official" and name != "sum":
+    if variant == "official" and _has_official_rules(name):
         from .official_merges import OFFICIAL
 
         return OFFICIAL[name].negation(vectors, **hparams)
@@ -376,40 +379,17 @@ def normalizer_edits(name: str, vectors: Mapping[str, TaskVector], variant: str 
     single-task edit at coefficient 1 (the official ``eval_*_single_task.py`` scripts, whose accuracies the
     official addition scripts divide by), which equals its negation edit.
     """
-    if variant != "official" or name == "sum":
+    if variant != "official" or not _has_official_rules(name):
         _check_hparams(name, hparams, variant)
         return None
     return negation_edits(name, vectors, variant, **hparams)
 
 
-def _all_hparams() -> dict[str, dict[str, Any]]:
-    """method -> {hyperparameter: default} over both variants (the paper's default wins on a shared name)."""
-    out = {m: dict(hps) for m, hps in MERGE_HPARAMS.items()}
+def all_hparams() -> dict[str, dict[str, Any]]:
+    """method -> {hyperparameter: default} over both variants, for every method registered now (a merge
+    registered by another module after this one is imported is included; the paper's default wins on a
+    shared name)."""
+    out = {m: _hparams_of(MERGES.get(m)) for m in MERGES.names()}
     for m, hps in _official_hparams().items():
         out[m] = {**hps, **out.get(m, {})}
     return out
-
-
-def add_merge_flags(parser: Any, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Add ``--merge-variant`` and one flag per merge hyperparameter (``--ties-k``, ``--dare-p``,
-    ``--tall-masks-lam`` ...) to an argparse parser; ``overrides`` holds a domain's own defaults (e.g.
-    TALL-masks λ = 0.6 for nlp, the official scripts' key filters)."""
-    g = parser.add_argument_group("merge hyperparameters (used by the chosen --merge only)")
-    g.add_argument("--merge-variant", default="official", choices=list(VARIANTS),
-                   help="official: the rules of the official TaLoS scripts that produced the paper's baseline rows "
-                        "(talos/official_merges.py, normalised by each merge's own single-task accuracy); paper: "
-                        "the method papers' definitions (talos/merges.py)")
-    for method, hps in _all_hparams().items():
-        for hp, default in hps.items():
-            default = dict((overrides or {}).get(method, {})).get(hp, default)
-            g.add_argument(f"--{method.replace('_', '-')}-{hp}", dest=f"merge_{method}_{hp}", type=type(default),
-                           default=default, help=f"{method}: {hp}")
-
-
-def merge_kwargs_from_args(args: Any, method: str) -> dict[str, Any]:
-    """The keyword arguments of :func:`merge` for ``method`` from the flags of :func:`add_merge_flags`:
-    ``variant`` (except for ``sum``) and the hyperparameters that variant takes."""
-    MERGES.get(method)  # unknown names raise with the valid list
-    variant = args.merge_variant
-    kw = {hp: getattr(args, f"merge_{method}_{hp}") for hp in hparams_of(method, variant)}
-    return kw if method == "sum" else {"variant": variant, **kw}

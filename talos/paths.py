@@ -175,7 +175,7 @@ class FinetuneRun:
 
     def is_complete(self) -> bool:
         """True once both the task vector and the metrics files exist (existence only: the pipeline skips a run
-        when :func:`talos.pipeline.run_complete` also finds them matching ``manifest.json``)."""
+        when :func:`talos.stages.run_complete` also finds them matching ``manifest.json``)."""
         return self.task_vector.is_file() and self.metrics.is_file()
 
     def write_config(self, extra: Mapping[str, Any] | None = None) -> Path:

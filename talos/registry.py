@@ -29,6 +29,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove and return the object registered as ``name`` (tests registering a temporary method)."""
+        self.get(name)  # unknown names raise with the valid list
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         """Return the object registered as ``name`` or raise ``ValueError`` naming the valid choices."""
         try:

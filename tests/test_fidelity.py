@@ -12,8 +12,8 @@ OFFICIAL_VISION = {
     "lr": 1e-5, "wd": 0.1, "batch_size": 128, "warmup_length": 500, "grad_clip": 1.0, "sparsity": 0.9,
     "calibration_rounds": 4, "soft_mask": 0.1, "fisher_target": "logit", "fisher_draws": 1, "lora_rank": 16,
     "lora_alpha": 32.0, "lora_scaling": "alpha", "n_eval_points": 21, "control_threshold": 0.95,
-    "merge_variant": "official", "merge_tall_masks_lam": 0.2, "merge_consensus_lam": 0.2, "merge_consensus_k": 2,
-    "merge_ties_k": 0.1, "merge_dare_p": 0.9, "merge_breadcrumbs_beta": 0.1, "merge_breadcrumbs_gamma": 0.2,
+    "merge_variant": "official", "tall_masks_lam": 0.2, "consensus_lam": 0.2, "consensus_k": 2,
+    "ties_k": 0.1, "dare_p": 0.9, "breadcrumbs_beta": 0.1, "breadcrumbs_gamma": 0.2,
     "freeze_embeddings": False, "count_text_ln_final": True, "activation": "auto", "control_dataset": "ImageNet",
     "pretrained": "openai", "lora_init": None,  # None: llora draws the official xavier A0 (lora: peft's kaiming)
 }
@@ -24,7 +24,7 @@ OFFICIAL_NLP = {
     "lr": 1e-4, "wd": 0.0, "batch_size": 64, "num_grad_accumulation": 16, "num_steps": 75_000, "max_seq_len": 128,
     "grad_clip": 1.0, "sparsity": 0.9, "calibration_rounds": 4, "soft_mask": 0.1, "fisher_target": "logit",
     "fisher_draws": 1, "calibration_batch_size": 32, "lora_rank": 16, "lora_alpha": 32.0, "n_eval_points": 21,
-    "lora_init": "kaiming", "control_threshold": 0.95, "merge_variant": "official", "merge_tall_masks_lam": 0.6, "merge_consensus_lam": 0.6,
+    "lora_init": "kaiming", "control_threshold": 0.95, "merge_variant": "official", "tall_masks_lam": 0.6, "consensus_lam": 0.6,
     "control_dataset": "rte",
 }
 
@@ -72,10 +72,10 @@ def test_fidelity_doc_names_existing_tests():
 
 
 def test_lora_init_is_part_of_the_nlp_run_hash():
-    import argparse
+    from talos.app.flags import config_for_tests
+    from nlp.args import DOMAIN, RUNS
 
-    from talos.cli import method_hparams
-
-    base = dict(finetuning_mode="llora", lora_rank=16, lora_alpha=32.0, lora_scaling="alpha_over_rank")
-    assert method_hparams(argparse.Namespace(**base, lora_init="kaiming"))["lora_init"] == "kaiming"
-    assert "lora_init" not in method_hparams(argparse.Namespace(**base, lora_init=None))
+    cfg = config_for_tests(DOMAIN, ["--finetuning-mode", "llora"])
+    assert RUNS.finetune(cfg, "qasc").hparams["lora_init"] == "kaiming"  # nlp's default differs from the mode's
+    assert "lora_init" not in RUNS.finetune(cfg.replace(lora_init=None), "qasc").hparams
+    assert RUNS.finetune(cfg.replace(lora_init="xavier"), "qasc").hparams["lora_init"] == "xavier"

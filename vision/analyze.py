@@ -10,7 +10,6 @@ and evaluation scripts do; the PNG and the JSON of its numbers go to
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,9 +19,10 @@ if __package__ in (None, ""):  # `python vision/<script>.py`: import from the re
 
 import torch
 
+from talos.app.flags import Config
 from talos.analysis.figures import AnalysisDomain, LoadedModel, main as analysis_main
 
-from vision.args import build_parser, validate
+from vision.args import DOMAIN as SETTINGS
 from vision.common import RUNS, DOMAIN, Evaluator, VisionSetup, logits_forward
 from vision.datasets import check_datasets
 
@@ -33,14 +33,14 @@ class SubsetSetup(VisionSetup):
 
     def eval_data(self, task: str, split: str) -> torch.utils.data.Dataset:
         ds = super().eval_data(task, split)
-        n = getattr(self.args, "max_examples", None)
+        n = self.args.max_examples
         if n is None or n >= len(ds):
             return ds
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
         return torch.utils.data.Subset(ds, order)
 
 
-def load(args: argparse.Namespace) -> LoadedModel:
+def load(args: Config) -> LoadedModel:
     """The CLIP classifier of ``args`` and the figures' hooks on it (evaluation as in vision/evaluate.py)."""
     setup = SubsetSetup(args)
     dev = setup.device
@@ -64,7 +64,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
                        forward_fn=logits_forward, calibration_batches=calibration_batches)
 
 
-VISION = AnalysisDomain(name=DOMAIN, runs=RUNS, build_parser=build_parser, validate=validate,
+VISION = AnalysisDomain(name=DOMAIN, runs=RUNS, settings=SETTINGS,
                         check_data=lambda args, tasks: check_datasets(tasks, args.data_location), load=load)
 
 

@@ -1,7 +1,6 @@
 """Shared plumbing of the vision scripts: model + heads, data loaders, run paths, and the evaluator."""
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any
 
@@ -10,11 +9,11 @@ from torch import Tensor
 
 from talos import distributed as dist
 from talos.io import check_artifact, load_tensors, record_artifact, save_tensors
-from talos.cli import RunPaths, pretrained_key
+from talos.app.flags import Config
 from talos.paths import head_path
-from talos.pipeline import EditEvaluator
+from talos.stages import EditEvaluator
 
-from .args import finetune_hparams
+from .args import RUNS
 from .datasets import DATASETS, base_name, get_dataset
 from .models import ImageClassifier, head_key, load_clip, split_parameters, zeroshot_head
 
@@ -22,7 +21,6 @@ logger = logging.getLogger("talos")
 DOMAIN = "vision"
 
 
-RUNS = RunPaths(DOMAIN, finetune_hparams)
 finetune_run = RUNS.finetune  # (args, task) -> FinetuneRun
 eval_run = RUNS.evaluation  # (args, protocol, extra=None) -> EvalRun
 load_task_vectors = RUNS.task_vectors  # (args, tasks, mode=None) -> {task: TaskVector}
@@ -31,7 +29,7 @@ load_task_vectors = RUNS.task_vectors  # (args, tasks, mode=None) -> {task: Task
 class VisionSetup:
     """One CLIP model for a whole script: its image classifier, cached zero-shot heads and loaders."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: Config) -> None:
         self.args = args
         self.device = torch.device(args.device)
         clip, self.train_preprocess, self.val_preprocess, self.tokenizer = load_clip(
@@ -41,7 +39,7 @@ class VisionSetup:
         self._heads: dict[str, Tensor] = {}
         self._eval_cache: dict[tuple[str, str], torch.utils.data.TensorDataset] = {}
         self._eval_cache_bytes = 0
-        if getattr(args, "grad_checkpointing", False):  # non-reentrant: Fisher scores keep their fast path
+        if args.grad_checkpointing:  # non-reentrant: Fisher scores keep their fast path
             clip.visual.set_grad_checkpointing(True)
         self.classifier = ImageClassifier(clip.visual, torch.zeros(1, 1)).to(self.device)
         self.eligible, self.dense = split_parameters(self.classifier, args.freeze_embeddings)
@@ -84,7 +82,7 @@ class VisionSetup:
         if key in self._eval_cache:
             return self._eval_cache[key]
         ds = self.dataset(task, split)
-        room = getattr(self.args, "eval_cache_mb", 0) * 2**20 - self._eval_cache_bytes
+        room = self.args.eval_cache_mb * 2**20 - self._eval_cache_bytes
         if len(ds) == 0 or room <= 0:
             return ds
         x0 = ds[0][0]
@@ -113,10 +111,10 @@ class VisionSetup:
         return {n: named[n].detach().cpu().clone() for n in self.eligible + self.dense}
 
 
-def head_hparams(args: argparse.Namespace, classnames: Any, templates: Any) -> dict[str, Any]:
+def head_hparams(args: Config, classnames: Any, templates: Any) -> dict[str, Any]:
     """The zero-shot head cache key: the weights as the run hash names them (a file by content), the class
     prompts, and the seed when the weights are a random initialisation (``--pretrained none``)."""
-    h = {"pretrained": pretrained_key(args), "activation": args.activation, "classes": head_key(classnames, templates)}
+    h = {"pretrained": args.pretrained_id or args.pretrained, "activation": args.activation, "classes": head_key(classnames, templates)}
     if args.pretrained in (None, "", "none"):
         h["seed"] = args.seed
     return h

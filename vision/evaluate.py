@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `python vision/<script>.py`: import from the re
 
 from talos import distributed as dist
 from talos.modes import get_mode
-from talos.pipeline import evaluate_from_args
+from talos.app.jobs import evaluate
 
 from vision.args import parse_args
 from vision.common import RUNS, Evaluator, VisionSetup
@@ -30,9 +30,9 @@ def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one protocol for ``--finetuning-mode`` over ``--eval-datasets``; returns its results."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, description=__doc__)
-    args.device = dist.init_from_env(args.device)  # torchrun: evaluation batches are sharded over ranks
-    return evaluate_from_args(
-        protocol, args, argv, runs=RUNS,
+    args = args.replace(device=dist.init_from_env(args.device))  # torchrun: evaluation batches are sharded over ranks
+    return evaluate(
+        protocol, args, runs=RUNS,
         check_data=lambda tasks: check_datasets(tasks, args.data_location),
         make_evaluator=lambda: Evaluator(VisionSetup(args),
                                          linearized=get_mode(args.finetuning_mode).eval_linearized))

@@ -21,7 +21,8 @@ import torch
 from talos import distributed as dist
 from talos.analysis.drift import GradientDrift
 from talos.rng import EpochLoader, SeededDataset
-from talos.pipeline import finetune_with_mode, mode_context, start_finetune
+from talos.app.jobs import mode_context, start_finetune
+from talos.stages import finetune_with_mode
 from talos.train import TrainConfig
 
 from vision.args import parse_args
@@ -46,10 +47,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or skip, or resume) one fine-tuning job; returns its metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, need_train_dataset=True, description=__doc__)
-    args.device = dist.init_from_env(args.device)  # torchrun: join the process group, one GPU per rank
+    args = args.replace(device=dist.init_from_env(args.device))  # torchrun: join the process group, one GPU per rank
     task = args.train_dataset
     check_datasets([task], args.data_location)  # fail before loading any model
-    job = start_finetune(args, argv, runs=RUNS)
+    job = start_finetune(args, runs=RUNS)
+    args = job.cfg  # (posthoc fine-tunes its source mode)
     if job.done is not None:
         return job.done
     setup = VisionSetup(args)
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ds = SeededDataset(setup.dataset(task, "val", train_transform=True), args.seed, "calibration")
         return EpochLoader(lambda d: setup.loader(d, args.calibration_batch_size), ds)
 
-    ctx = mode_context(args, job.tracker, runs=RUNS, model=model,
+    ctx = mode_context(job, runs=RUNS, model=model,
                        eligible=setup.eligible, dense=setup.dense, forward_fn=logits_forward,
                        calibration_batches=calib_batches, lora_targets=lora_targets,
                        zero_score_entries=args.zero_score_entries)

@@ -34,12 +34,13 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from talos import cli
+from talos.app.flags import Config, check_config, config_from_namespace, csv_list
+from talos.app.runs import resolved_settings
 from talos.io import atomic_write_json, read_json, save_tensors
 from talos.runinfo import run_metadata, seed_everything
 from talos.task_vector import TaskVector
 
-from vision.args import build_parser, validate
+from vision.args import DOMAIN, build_parser
 from vision.checkpoints import (SOURCES, Converted, FileSpec, Source, convert_hf_clip, convert_open_clip,
                                 encoder_activation, encoder_architecture, hf_config_activation,
                                 hf_config_architecture, unpickle_to_safetensors)
@@ -49,12 +50,13 @@ logger = logging.getLogger("talos")
 _HF_FILLABLE = ("visual.proj",)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The vision flags (same defaults, so the same run folders as the evaluation scripts) + the import group."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The vision settings (same defaults, so the same run folders as the evaluation scripts) and the options of
+    the import group."""
     p = build_parser(__doc__.splitlines()[0])
     g = p.add_argument_group("import")
     g.add_argument("--source", dest="import_source", choices=SOURCES.names(), help="alias of --import-source")
-    g.add_argument("--tasks", type=cli.csv_list, default=None, help="comma-separated tasks; none: --eval-datasets")
+    g.add_argument("--tasks", type=csv_list, default=None, help="comma-separated tasks; none: --eval-datasets")
     g.add_argument("--from", dest="from_dir", default=None,
                    help="read files from this folder (laid out like the hub: DIR/<repo id>/<path>) instead of the hub")
     g.add_argument("--revision", default="main", help="hub revision (branch, tag or commit) of every repository read")
@@ -72,38 +74,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "source's θ0 instead of refusing (recorded in config.json)")
     g.add_argument("--theta0-atol", type=float, default=1e-6,
                    help="largest |difference| allowed between the source's θ0 and ours")
-    args = p.parse_args(argv)
-    args.finetuning_mode = "imported"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = p.parse_args(argv)
+    opts.finetuning_mode = "imported"
+    cfg = config_from_namespace(DOMAIN, opts, argv)
     try:
-        validate(args)
-        _validate_import(args)
+        check_config(cfg)
+        _validate_import(cfg, opts)
     except ValueError as e:
         p.error(str(e))
-    return args
+    return cfg.freeze(), opts
 
 
-def _validate_import(args: argparse.Namespace) -> None:
+def _validate_import(cfg: Config, opts: argparse.Namespace) -> None:
     from vision.datasets import DATASETS, base_name
 
-    source = SOURCES.get(args.import_source)
-    if source.kind == "pickle" and not args.allow_pickle:
+    source = SOURCES.get(cfg.import_source)
+    if source.kind == "pickle" and not opts.allow_pickle:
         raise ValueError(f"{source.name} checkpoints are pickled modules: loading them runs arbitrary code. Pass "
                          "--allow-pickle to unpickle them in a separate process (converted once to safetensors)")
-    args.tasks = args.tasks or list(args.eval_datasets)
-    for t in args.tasks:
+    opts.tasks = opts.tasks or list(cfg.eval_datasets)
+    for t in opts.tasks:
         DATASETS.get(base_name(t))
     names = {}
-    for item in args.source_name:
+    for item in opts.source_name:
         ours, sep, theirs = item.partition("=")
         if not sep or not ours or not theirs:
             raise ValueError(f"--source-name takes TASK=NAME, got {item!r}")
         names[ours] = theirs
-    args.source_names = names
-    if not (args.theta0_atol >= 0):
+    opts.source_names = names
+    if not (opts.theta0_atol >= 0):
         raise ValueError("--theta0-atol must be >= 0")
-    if args.from_dir is not None and not Path(args.from_dir).is_dir():
-        raise ValueError(f"--from {args.from_dir}: no such folder")
-    if args.from_dir is None and source.repo_id is None and args.repo_id is None and source.kind == "pickle":
+    if opts.from_dir is not None and not Path(opts.from_dir).is_dir():
+        raise ValueError(f"--from {opts.from_dir}: no such folder")
+    if opts.from_dir is None and source.repo_id is None and opts.repo_id is None and source.kind == "pickle":
         raise ValueError(f"{source.name} has no default hub repository: pass --from DIR (or --repo-id)")
 
 
@@ -302,42 +306,42 @@ def _spec(source: Source, fn: Any, model: str, task: str, repo_id: str | None) -
     return FileSpec(repo_id, spec.files) if repo_id else spec
 
 
-def plan(args: argparse.Namespace, source: Source, files: Files) -> tuple[list[Job], FileSpec, dict[str, str]]:
+def plan(cfg: Config, opts: argparse.Namespace, source: Source, files: Files) -> tuple[list[Job], FileSpec, dict[str, str]]:
     """Resolve every file (θ0 and per task) before any model loads; completed runs are skipped."""
     from vision.common import RUNS
 
-    if args.repo_id and source.kind == "transformers":
+    if opts.repo_id and source.kind == "transformers":
         raise ValueError(f"--repo-id applies to single-repository sources, not {source.name}")
-    m = source.model_name(args.model, args.source_model)
+    m = source.model_name(cfg.model, opts.source_model)
     jobs = []
-    for task in args.tasks:
-        run = RUNS.finetune(args, task)
+    for task in opts.tasks:
+        run = RUNS.finetune(cfg, task)
         if run.is_complete():
             done = read_json(run.config).get("import", {})
-            if done.get("theta0") != ("source" if args.use_source_theta0 else "ours"):
+            if done.get("theta0") != ("source" if opts.use_source_theta0 else "ours"):
                 raise ValueError(f"{run.dir} was imported with theta0={done.get('theta0')}; delete it to re-import")
             logger.info("skip: %s already imported (%s)", task, run.dir)
             continue
-        spec = _spec(source, source.finetuned, m, source.task_name(task, args.source_names), args.repo_id)
+        spec = _spec(source, source.finetuned, m, source.task_name(task, opts.source_names), opts.repo_id)
         jobs.append(Job(task, run, spec, files.resolve(spec)))
-    t0 = args.tasks[0]
-    spec0 = _spec(source, source.pretrained, m, source.task_name(t0, args.source_names), args.repo_id)
+    t0 = opts.tasks[0]
+    spec0 = _spec(source, source.pretrained, m, source.task_name(t0, opts.source_names), opts.repo_id)
     return jobs, spec0, files.resolve(spec0) if jobs else {}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     """Import ``--tasks`` from ``--source``; returns {task: run folder}."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    cfg, opts = parse_args(argv)
     from vision.common import RUNS, VisionSetup
 
-    source = SOURCES.get(args.import_source)
-    files = Files(args.from_dir, args.revision, args.hub_cache)
-    jobs, spec0, paths0 = plan(args, source, files)
+    source = SOURCES.get(cfg.import_source)
+    files = Files(opts.from_dir, opts.revision, opts.hub_cache)
+    jobs, spec0, paths0 = plan(cfg, opts, source, files)
     if not jobs:
-        return {t: str(RUNS.finetune(args, t).dir) for t in args.tasks}
-    seed_everything(args.seed)  # same θ0 as the evaluation scripts (random init with --pretrained none)
-    setup = VisionSetup(args)
+        return {t: str(RUNS.finetune(cfg, t).dir) for t in opts.tasks}
+    seed_everything(cfg.seed)  # same θ0 as the evaluation scripts (random init with --pretrained none)
+    setup = VisionSetup(cfg)
     visual = setup.classifier.visual
     ours = {n: p.detach().cpu() for n, p in setup.classifier.named_parameters() if n.startswith("visual.")}
     names = setup.eligible + setup.dense
@@ -347,21 +351,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         unpickled = None
         if source.kind == "pickle":  # once, in one child process, before any check
             unpickled = convert_pickles([(spec0, paths0)] + [(j.spec, j.paths) for j in jobs], files, Path(tmp),
-                                        args.pickle_code_path)
+                                        opts.pickle_code_path)
         loaded0 = load_checkpoint(source, spec0, paths0, files, f"{source.name} pre-trained model "
                                   f"({spec0.repo_id or files.where(None)}: {paths0.get('weights')})", unpickled)
-        absent0 = check_against(loaded0, ours, our_act, our_arch, args.model, fillable)
+        absent0 = check_against(loaded0, ours, our_act, our_arch, cfg.model, fillable)
         diff, where = largest_difference(loaded0.converted.tensors, ours)
-        if diff > args.theta0_atol and not args.use_source_theta0:
-            raise ValueError(f"{loaded0.what} differs from our θ0 (--model {args.model} --pretrained "
-                             f"{args.pretrained}): largest |difference| {diff:.3g} at {where} (tolerance "
-                             f"{args.theta0_atol}); pass --use-source-theta0 to take task vectors against the "
+        if diff > opts.theta0_atol and not opts.use_source_theta0:
+            raise ValueError(f"{loaded0.what} differs from our θ0 (--model {cfg.model} --pretrained "
+                             f"{cfg.pretrained}): largest |difference| {diff:.3g} at {where} (tolerance "
+                             f"{opts.theta0_atol}); pass --use-source-theta0 to take task vectors against the "
                              "source's θ0 (recorded), or fix --model/--pretrained")
         base = dict(ours)
-        if args.use_source_theta0:
+        if opts.use_source_theta0:
             base.update({k: v.to(ours[k].dtype) for k, v in loaded0.converted.tensors.items()})
-        theta0 = {"theta0": "source" if args.use_source_theta0 else "ours", "theta0_max_abs_diff": diff,
-                  "theta0_largest_difference_at": where, "theta0_atol": args.theta0_atol,
+        theta0 = {"theta0": "source" if opts.use_source_theta0 else "ours", "theta0_max_abs_diff": diff,
+                  "theta0_largest_difference_at": where, "theta0_atol": opts.theta0_atol,
                   "pretrained_files": loaded0.files, "pretrained_absent_keys": absent0}
         del loaded0
         checked = {}
@@ -370,16 +374,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
                     f"{job.paths['weights']})")
             checked[job.task] = (what, check_against(load_checkpoint(source, job.spec, job.paths, files, what,
                                                                      unpickled),
-                                                     ours, our_act, our_arch, args.model, fillable))
+                                                     ours, our_act, our_arch, cfg.model, fillable))
         for job in jobs:
             what, absent = checked[job.task]
             ld = load_checkpoint(source, job.spec, job.paths, files, what, unpickled)
-            write_run(job, ld, absent, base, names, theta0, source, args, argv)
-    return {t: str(RUNS.finetune(args, t).dir) for t in args.tasks}
+            write_run(job, ld, absent, base, names, theta0, source, cfg, opts)
+    return {t: str(RUNS.finetune(cfg, t).dir) for t in opts.tasks}
 
 
 def write_run(job: Job, ld: Loaded, absent: Sequence[str], base: Mapping[str, Tensor], names: Sequence[str],
-              theta0: Mapping[str, Any], source: Source, args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+              theta0: Mapping[str, Any], source: Source, cfg: Config, opts: argparse.Namespace) -> None:
     """Write one imported run folder: weights, task vector, config, then metrics (marks it complete)."""
     ft = dict(ld.converted.tensors)
     for k in absent:  # not in the checkpoint: the source never trained it, so τ = 0 there
@@ -388,14 +392,14 @@ def write_run(job: Job, ld: Loaded, absent: Sequence[str], base: Mapping[str, Te
     tv = TaskVector.from_state_dicts({n: base[n] for n in names}, ft, keys=names)
     run = job.run
     record = {"source": source.name, "kind": source.kind, "repo_id": job.spec.repo_id,
-              "revision": args.revision if args.from_dir is None else None, "from": args.from_dir,
+              "revision": opts.revision if opts.from_dir is None else None, "from": opts.from_dir,
               "files": ld.files, "activation": ld.activation, "taken_from_theta0": list(absent),
               "ignored_keys": ld.converted.ignored, "dropped_keys": sorted(set(ld.converted.tensors) - set(names)),
               "source_info": ld.info, **theta0}
     save_tensors(run.finetuned, ft)
     tv.save(run.task_vector)
-    run.write_config({"import": record, "args": {k: v for k, v in vars(args).items()},
-                      **run_metadata(list(argv) if argv is not None else None)})
+    run.write_config({"import": record, "settings": cfg.to_dict(),
+                      "resolved": resolved_settings(cfg, job.task), **run_metadata(cfg.argv)})
     atomic_write_json(run.metrics, {"imported": True, "task_vector_density": tv.density(),
                                     "task_vector_norm": tv.norm()})
     logger.info("imported %s from %s: %s (τ norm %.4g)", job.task, source.name, run.dir, tv.norm())

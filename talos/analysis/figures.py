@@ -12,7 +12,6 @@ naming the command that produces them; without ``--modes`` a figure uses every m
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..cli import RunPaths, csv_list
+from ..app.flags import Config, Domain
+from ..app.runs import RunPaths
+from ..config import Settings, setting
 from ..io import atomic_write_json, load_tensors, read_json
 from ..paths import EvalRun
 from ..registry import Registry
@@ -32,7 +33,7 @@ from .drift import drift_path
 logger = logging.getLogger("talos")
 
 __all__ = ["LoadedModel", "AnalysisDomain", "EditPredictor", "FigureContext", "FigureSpec", "FIGURES",
-           "add_analysis_flags", "figure_run", "run_figure", "main"]
+           "AnalysisSettings", "figure_run", "run_figure", "main"]
 
 Evaluate = Callable[[Any, str, str], float]
 
@@ -52,14 +53,13 @@ class LoadedModel:
 
 @dataclass
 class AnalysisDomain:
-    """A domain's adapter for the analysis commands: its flags, run paths, data check and model loader."""
+    """A domain's adapter for the analysis commands: its settings, run paths, data check and model loader."""
 
     name: str
     runs: RunPaths
-    build_parser: Callable[[str], argparse.ArgumentParser]
-    validate: Callable[[argparse.Namespace], argparse.Namespace]
-    check_data: Callable[[argparse.Namespace, list[str]], None]
-    load: Callable[[argparse.Namespace], LoadedModel]
+    settings: Domain
+    check_data: Callable[[Config, list[str]], None]
+    load: Callable[[Config], LoadedModel]
 
 
 class EditPredictor:
@@ -68,7 +68,7 @@ class EditPredictor:
     def __init__(self, model: nn.Module, names: Sequence[str],
                  predictions: Callable[[nn.Module, str, str], Tensor], linearized: bool = False) -> None:
         from ..linearize import LinearizedModel
-        from ..pipeline import ParameterEditor
+        from ..stages import ParameterEditor
 
         self.editor = ParameterEditor(model, names)
         self.eval_model = LinearizedModel(model, list(names)) if linearized else model
@@ -84,16 +84,16 @@ class EditPredictor:
 class FigureContext:
     """One figure command: parsed flags, run lookup, and the model (loaded lazily, once)."""
 
-    def __init__(self, domain: AnalysisDomain, args: argparse.Namespace) -> None:
+    def __init__(self, domain: AnalysisDomain, args: Config) -> None:
         self.domain, self.args = domain, args
         self.tasks = list(args.eval_datasets)
         self._loaded: LoadedModel | None = None
         self._evaluators: dict[bool, Evaluate] = {}
         self._predictors: dict[bool, EditPredictor] = {}
 
-    def mode_args(self, mode: str, **over: Any) -> argparse.Namespace:
-        """The flags with ``--finetuning-mode`` (and any override) replaced."""
-        return argparse.Namespace(**{**vars(self.args), "finetuning_mode": mode, **over})
+    def mode_args(self, mode: str, **over: Any) -> Config:
+        """The settings with ``--finetuning-mode`` (and any override) replaced."""
+        return self.args.replace(finetuning_mode=mode, **over)
 
     def source(self, mode: str) -> str:
         """The mode whose runs hold ``mode``'s task vectors (``posthoc`` -> ``standard``)."""
@@ -333,13 +333,10 @@ _register(FigureSpec("gradient_drift", "Fig. 7", _drift_plan, _drift_compute,
 
 # Fig. 8 --------------------------------------------------------------------------------------------------
 def _ablation_runs(ctx: FigureContext, mode: str, k: float) -> tuple[EvalRun, EvalRun]:
-    from ..merges import merge_kwargs_from_args
-
     a = ctx.mode_args(mode, sparsity=k, merge="sum")
     runs = ctx.domain.runs
     # the same folders eval_single_task.py / eval_task_addition.py (--merge sum) write
-    return (runs.evaluation(a, "single_task"),
-            runs.evaluation(a, "addition", {"merge": "sum", "merge_kwargs": merge_kwargs_from_args(a, "sum")}))
+    return runs.evaluation(a, "single_task"), runs.evaluation(a, "addition")
 
 
 def _ablation_plan(ctx: FigureContext) -> dict[str, Any]:
@@ -403,44 +400,35 @@ _register(FigureSpec("mask_overlap", "Fig. 11", _mask_plan, _mask_compute,
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def _csv_floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in csv_list(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+@dataclass
+class AnalysisSettings(Settings):
+    """The flags of the analyze commands (the domain's own flags locate the runs)."""
 
+    figure: str = setting("", "the figure to compute (talos.analysis.figures.FIGURES)", flag="figure", hashed=False)
+    modes: list | None = setting(None, "comma-separated modes (default: every registered mode whose runs exist; "
+                                 "talos for mask_overlap and sparsity_ablation)", csv=True, kind=list, hashed=False)
+    pair: list | None = setting(None, "two tasks for disentanglement (default: the first two)", csv=True, kind=list,
+                                hashed=False)
+    alphas: list | None = setting(None, "coefficient grid of both axes of ξ (default: "
+                                  f"{','.join(f'{a:g}' for a in C.XI_ALPHAS)})", csv=float, kind=list, hashed=False)
+    split: str = setting("test", "split the figures evaluate on", choices=("test", "val"), hashed=False)
+    max_examples: int | None = setting(None, "a seeded random subset of this many examples per task split "
+                                       "(default: all)", low=1, kind=int, hashed=False)
+    prune_fraction: float | None = setting(None, "sensitivity_transfer: fraction of entries pruned (default: "
+                                           "1 - --sparsity, the entries TaLoS trains)", low=0.0, high=1.0,
+                                           open_low=True, open_high=True, kind=float, hashed=False)
+    sparsities: list = setting(list(C.SPARSITIES), "sparsity_ablation: the k values", csv=float, kind=list,
+                               hashed=False)
+    force: bool = setting(False, "recompute and redraw even when the figure exists", hashed=False)
 
-def add_analysis_flags(p: argparse.ArgumentParser) -> None:
-    """The ``figures`` group of the analyze commands (the domain's own flags locate the runs)."""
-    g = p.add_argument_group("figures")
-    g.add_argument("--modes", type=csv_list, default=None,
-                   help="comma-separated modes (default: every registered mode whose runs exist; talos for "
-                        "mask_overlap and sparsity_ablation)")
-    g.add_argument("--pair", type=csv_list, default=None, help="two tasks for disentanglement (default: the first two)")
-    g.add_argument("--alphas", type=_csv_floats, default=None,
-                   help=f"coefficient grid of both axes of ξ (default: {','.join(f'{a:g}' for a in C.XI_ALPHAS)})")
-    g.add_argument("--split", default="test", choices=["test", "val"], help="split the figures evaluate on")
-    g.add_argument("--max-examples", type=int, default=None,
-                   help="a seeded random subset of this many examples per task split (default: all)")
-    g.add_argument("--prune-fraction", type=float, default=None,
-                   help="sensitivity_transfer: fraction of entries pruned (default: 1 - --sparsity, the entries "
-                        "TaLoS trains)")
-    g.add_argument("--sparsities", type=_csv_floats, default=list(C.SPARSITIES), help="sparsity_ablation: the k values")
-    g.add_argument("--force", action="store_true", help="recompute and redraw even when the figure exists")
-
-
-def validate_analysis(args: argparse.Namespace) -> argparse.Namespace:
-    """Checks of the figure flags (before any run is read)."""
-    FIGURES.get(args.figure)  # unknown names raise with the valid list
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError("--max-examples must be >= 1")
-    if args.prune_fraction is not None and not 0.0 < args.prune_fraction < 1.0:
-        raise ValueError(f"--prune-fraction must be in (0, 1), got {args.prune_fraction}")
-    if not args.sparsities or not all(0.0 < k < 1.0 for k in args.sparsities):
-        raise ValueError(f"--sparsities must be in (0, 1), got {args.sparsities}")
-    if args.alphas is not None and not args.alphas:
-        raise ValueError("--alphas is empty")
-    return args
+    def check(self) -> None:
+        """The figure exists; the grids are non-empty and in range."""
+        super().check()
+        FIGURES.get(self.figure)  # unknown names raise with the valid list
+        if not self.sparsities or not all(0.0 < k < 1.0 for k in self.sparsities):
+            raise ValueError(f"--sparsities must be in (0, 1), got {self.sparsities}")
+        if self.alphas is not None and not self.alphas:
+            raise ValueError("--alphas is empty")
 
 
 def figure_run(ctx: FigureContext, name: str, plan: dict[str, Any]) -> EvalRun:
@@ -460,7 +448,7 @@ def run_figure(ctx: FigureContext, name: str, force: bool = False) -> tuple[dict
         return read_json(run.results), run
     numbers = spec.compute(ctx, plan)
     spec.plot(numbers, png, ctx)
-    run.write_config({"args": {k: v for k, v in vars(ctx.args).items()}, "paper": spec.paper})
+    run.write_config({"settings": ctx.args.to_dict(), "paper": spec.paper})
     atomic_write_json(run.results, numbers)  # written last: marks the figure complete
     print(f"wrote {png}\nwrote {run.results}")
     return numbers, run
@@ -468,12 +456,12 @@ def run_figure(ctx: FigureContext, name: str, force: bool = False) -> tuple[dict
 
 def main(domain: AnalysisDomain, argv: Sequence[str] | None = None, description: str = "") -> dict[str, Any]:
     """``<domain>/analyze.py FIGURE [the domain's flags] [figure flags]``; returns the figure's numbers."""
-    from ..cli import parse_validated
+    from dataclasses import replace
+
+    from ..app.flags import parse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = domain.build_parser(description or f"figures of {domain.name} runs")
-    p.add_argument("figure", help=f"one of: {', '.join(FIGURES.names())}")
-    add_analysis_flags(p)
-    args = parse_validated(p, lambda a: domain.validate(validate_analysis(a)), argv)
-    numbers, _ = run_figure(FigureContext(domain, args), args.figure, force=args.force)
+    settings = replace(domain.settings, extra={"analysis": AnalysisSettings})
+    cfg = parse(settings, argv, description=description or f"figures of {domain.name} runs")
+    numbers, _ = run_figure(FigureContext(domain, cfg), cfg.figure, force=cfg.force)
     return numbers

@@ -7,9 +7,18 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..config import NoSettings, Settings, setting
 from ..registry import Registry
 from ..task_vector import TaskVector
 from ..train import setup_trainable
+
+
+@dataclass
+class SparseSettings(Settings):
+    """Settings of every sparse mode: how much of the eligible entries stays frozen."""
+
+    sparsity: float = setting(0.9, "fraction of eligible entries frozen (sparse modes)", low=0.0, high=1.0,
+                              open_low=True, open_high=True)
 
 
 @dataclass
@@ -19,27 +28,18 @@ class ModeContext:
     model: nn.Module
     eligible: list[str]  # parameters the method may fine-tune (and that calibration scores)
     dense: list[str] = field(default_factory=list)  # trained densely by every parameter-space mode
+    #: the mode's own settings (an instance of its ``settings`` class; None = that class's defaults)
+    settings: Settings | None = None
     forward_fn: Callable[[nn.Module, Any], Tensor] | None = None  # per-example class scores [B, C]
     calibration_batches: Callable[[], Iterable[Any]] | None = None  # built lazily: only modes that need it
-    sparsity: float = 0.9
-    rounds: int = 4
-    soft_mask: float = 0.1
-    fisher_target: str = "logit"
-    fisher_draws: int = 1
-    max_batches: int | None = None
     zero_score_entries: int = 0  # always-kept entries outside `eligible` in the global ranking (calibrate_masks)
     seed: int = 0
     progress: bool = True
     on_round: Callable[[int, float, Mapping[str, Tensor]], None] | None = None
     # LoRA / L-LoRA: {parameter name: row slices or None}, e.g. the q and v rows of a fused in-projection
     lora_targets: Callable[[nn.Module], Mapping[str, Any]] | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_scaling: str = "alpha_over_rank"
-    lora_init: str | None = None  # A0 draw, "kaiming" or "xavier" (talos.lora.INITS); None = the mode's default
     # another mode's task vector for the same task and settings (LoTA reads the standard one)
     load_task_vector: Callable[[str], TaskVector] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,12 +58,13 @@ class FinetuneMode:
     """Base class: fine-tune the eligible parameters where ``masks`` allows (all of them if None)."""
 
     name = "base"
+    #: the mode's settings (a :class:`talos.config.Settings` dataclass): its flags, config.json entries and
+    #: run-hash entries follow from the fields
+    settings: type[Settings] = NoSettings
     #: task vectors are sparse by construction (uses --sparsity)
     sparse = False
     #: runs Fisher calibration (needs calibration data)
     needs_calibration = False
-    #: uses the LoRA flags
-    uses_lora = False
     #: evaluation goes through the first-order Taylor model around θ0
     eval_linearized = False
     #: reuse another mode's task vectors instead of training (post-hoc linearization)
@@ -72,6 +73,9 @@ class FinetuneMode:
     requires: tuple[str, ...] = ()
     #: runs are trained by the domain's finetune.py (False: produced by another script, e.g. an importer)
     trains = True
+    #: the training settings that name the run folder (None: all of them; imported vectors keep only the seed,
+    #: which draws a random-init θ0)
+    training_settings: tuple[str, ...] | None = None
 
     def masks(self, ctx: ModeContext) -> dict[str, Tensor] | None:
         """Trainable-entry masks keyed by eligible parameter name, or None for dense training."""
@@ -90,16 +94,20 @@ class FinetuneMode:
 
         return TrainState(ctx.model, trainable, masks, list(ctx.dense), task_vector)
 
-    def run_hparams(self, hparams: Mapping[str, Any], args: Any) -> dict[str, Any]:
-        """The hyperparameters that name this mode's run folders, from the domain's (default: all of them)."""
-        return dict(hparams)
+    def settings_of(self, ctx: ModeContext) -> Any:
+        """``ctx.settings``, or this mode's defaults when the context carries none."""
+        if ctx.settings is None:
+            return self.settings()
+        if not isinstance(ctx.settings, self.settings):
+            raise TypeError(f"mode {self.name} takes {self.settings.__name__}, got {type(ctx.settings).__name__}")
+        return ctx.settings
 
-    def missing_hint(self, domain: str, args: Any, task: str) -> str:
-        """How to produce a missing run of ``task`` (part of the error the evaluation scripts raise)."""
-        return (f"run: python {domain}/finetune.py --train-dataset {task} --finetuning-mode {self.name} "
-                f"--model {args.model} --save {args.save} (with the same hyperparameters)")
+    def missing_hint(self, domain: str, task: str, settings: Settings, model: str, save: str) -> str | None:
+        """How to produce a missing run of ``task`` when it is not ``finetune.py`` (None: the app's
+        complete ``finetune.py`` command)."""
+        return None
 
-    def results_label(self, args: Any) -> str:
+    def results_label(self, settings: Settings) -> str:
         """This mode's row name in a shared results.json (``--results-json``)."""
         return self.name
 

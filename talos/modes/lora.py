@@ -5,20 +5,35 @@ from typing import Mapping
 
 from torch import Tensor
 
-from ..lora import LoRAAdapters
+from dataclasses import dataclass
+
+from ..config import Settings, setting
+from ..lora import INITS, LoRAAdapters
 from ..task_vector import TaskVector
 from ..train import setup_trainable
 from .base import FinetuneMode, ModeContext, TrainState, register_mode
 
 
-def _adapted(ctx: ModeContext, *, linearized: bool, init: str) -> TrainState:
+@dataclass
+class LoRASettings(Settings):
+    """The adapters of LoRA and L-LoRA (rank 16, alpha 32 on q and v in the paper)."""
+
+    lora_rank: int = setting(16, "LoRA / L-LoRA rank", low=1)
+    lora_alpha: float = setting(32.0, "LoRA / L-LoRA alpha", low=0.0, open_low=True)
+    lora_scaling: str = setting("alpha_over_rank", "LoRA update multiplier: alpha / rank (peft) or alpha (the "
+                                "official vision code)", choices=("alpha", "alpha_over_rank"))
+    lora_init: str | None = setting(None, "draw of the LoRA A factor (default: each mode's own: lora kaiming as "
+                                    "peft, llora the official xavier)", choices=tuple(INITS), kind=str)
+
+
+def _adapted(ctx: ModeContext, s: LoRASettings, *, linearized: bool, init: str) -> TrainState:
     """Freeze the base weights, attach adapters (W -> W + ΔW) and train only them; τ = ΔW after training.
-    ``init`` is the mode's A0 draw unless ``ctx.lora_init`` overrides it."""
+    ``init`` is the mode's A0 draw unless ``s.lora_init`` overrides it."""
     if ctx.lora_targets is None:
         raise ValueError("LoRA modes need lora_targets in their ModeContext")
     setup_trainable(ctx.model, [], None, [])  # base weights frozen
-    adapters = LoRAAdapters(ctx.model, ctx.lora_targets(ctx.model), rank=ctx.lora_rank, alpha=ctx.lora_alpha,
-                            scaling=ctx.lora_scaling, init=ctx.lora_init or init, seed=ctx.seed)
+    adapters = LoRAAdapters(ctx.model, ctx.lora_targets(ctx.model), rank=s.lora_rank, alpha=s.lora_alpha,
+                            scaling=s.lora_scaling, init=s.lora_init or init, seed=ctx.seed)
     adapters.attach(ctx.model, linearized=linearized)
     delta = adapters.lin_delta if linearized else adapters.delta
     trainable = [(f"lora.{n}", p) for n, p in adapters.named_parameters()]
@@ -34,11 +49,11 @@ class LoRA(FinetuneMode):
     """LoRA on the q and v projections; its task vector is the merged low-rank update."""
 
     name = "lora"
-    uses_lora = True
+    settings = LoRASettings
 
     def prepare(self, ctx: ModeContext, masks: Mapping[str, Tensor] | None) -> TrainState:
         # A0: nn.Linear's / peft's kaiming-uniform (the official code has no non-linear LoRA run to follow)
-        return _adapted(ctx, linearized=False, init="kaiming")
+        return _adapted(ctx, self.settings_of(ctx), linearized=False, init="kaiming")
 
 
 @register_mode
@@ -53,7 +68,7 @@ class LLoRA(FinetuneMode):
     """
 
     name = "llora"
-    uses_lora = True
+    settings = LoRASettings
 
     def prepare(self, ctx: ModeContext, masks: Mapping[str, Tensor] | None) -> TrainState:
-        return _adapted(ctx, linearized=True, init="xavier")
+        return _adapted(ctx, self.settings_of(ctx), linearized=True, init="xavier")

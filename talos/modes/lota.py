@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import FinetuneMode, ModeContext, global_lowest, register_mode
+from .base import FinetuneMode, ModeContext, SparseSettings, global_lowest, register_mode
 
 
 @register_mode
@@ -11,6 +11,7 @@ class LoTA(FinetuneMode):
     """LoTA: keep the largest-|τ_standard| fraction (1 - sparsity) trainable; the rest stays frozen."""
 
     name = "lota"
+    settings = SparseSettings
     sparse = True
     requires = ("standard",)
 
@@ -22,4 +23,4 @@ class LoTA(FinetuneMode):
         if missing:
             raise ValueError(f"standard task vector lacks eligible parameters: {missing[:5]}")
         # unselected weights stay frozen (the official vision code lets them move at 10% lr: a bug)
-        return global_lowest({n: -tau[n].abs() for n in ctx.eligible}, 1.0 - ctx.sparsity)
+        return global_lowest({n: -tau[n].abs() for n in ctx.eligible}, 1.0 - self.settings_of(ctx).sparsity)

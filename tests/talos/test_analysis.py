@@ -2,7 +2,6 @@
 failure modes (unknown figure, missing runs) and skip-when-done."""
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from talos.analysis import (FIGURES, EditPredictor, GradientDrift, accuracy_ratios, disentanglement, kind_of,
                             layer_of, mask_stats, prune_edit, sensitivity_transfer)
-from talos.pipeline import EditEvaluator
+from talos.stages import EditEvaluator
 from talos.task_vector import TaskVector
 from talos.train import TrainConfig, train
 
@@ -151,24 +150,30 @@ def test_gradient_drift_hand_case_and_train_hook():
 
 
 def _args(tmp_path, **over):
-    base = dict(figure="accuracy_ratio", eval_datasets=["A", "B"], modes=None, pair=None, alphas=None, split="test",
-                max_examples=None, prune_fraction=None, sparsities=[0.9], force=False, save=str(tmp_path), seed=0,
-                model="m", finetuning_mode="talos", sparsity=0.9, n_eval_points=3, merge="sum",
-                merge_variant="official")
-    base.update(over)
-    return argparse.Namespace(**base)
+    from dataclasses import replace
+
+    from talos.analysis.figures import AnalysisSettings
+    from talos.app.flags import parse
+    from tests.talos.test_app import TOY
+
+    analysis = dict(figure="accuracy_ratio", modes=None, sparsities=[0.9])
+    analysis.update({k: over.pop(k) for k in list(over) if k in AnalysisSettings.__dataclass_fields__})
+    argv = ["--device", "cpu", "--save", str(tmp_path), "--n-eval-points", "3", analysis.pop("figure")]
+    if analysis["modes"]:
+        argv += ["--modes", ",".join(analysis["modes"])]
+    argv += ["--sparsities", ",".join(map(str, analysis["sparsities"]))]
+    cfg = parse(replace(TOY, extra={"analysis": AnalysisSettings}), argv)
+    return cfg.replace(**over) if over else cfg
 
 
 def _domain():
     from talos.analysis import AnalysisDomain
-    from talos.cli import RunPaths
+    from tests.talos.test_app import RUNS, TOY
 
     def load(args):
         raise AssertionError("model loaded")
 
-    return AnalysisDomain(name="toy", runs=RunPaths("toy", lambda a, t: {"mode": a.finetuning_mode, "task": t}),
-                          build_parser=lambda d: argparse.ArgumentParser(), validate=lambda a: a,
-                          check_data=lambda a, t: None, load=load)
+    return AnalysisDomain(name="toy", runs=RUNS, settings=TOY, check_data=lambda a, t: None, load=load)
 
 
 def test_unknown_figure_and_missing_runs_fail_clearly(tmp_path):

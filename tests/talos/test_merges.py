@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from talos.merges import MERGE_HPARAMS, MERGES, merge
+from talos.merges import MERGES, hparams_of, merge
 from talos.task_vector import TaskVector
 
 T = torch.tensor
@@ -37,7 +37,7 @@ def random_vectors(n_tasks: int = 3, dtype: torch.dtype = torch.float32) -> dict
 # ---------------------------------------------------------------------------------------------- registry
 def test_registered_names_and_hparams() -> None:
     assert MERGES.names() == ["breadcrumbs", "consensus", "dare", "sum", "tall_masks", "ties"]
-    assert MERGE_HPARAMS == {
+    assert {m: hparams_of(m) for m in MERGES.names()} == {
         "sum": {},
         "ties": {"k": 0.1},
         "dare": {"p": 0.9, "seed": 0},

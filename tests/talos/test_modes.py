@@ -7,7 +7,8 @@ from torch import nn
 
 from talos.linearize import LinearizedModel
 from talos.lora import LoRAAdapters
-from talos.modes import MODES, ModeContext, get_mode, global_lowest
+from talos.modes import MODES, ModeContext, SparseSettings, get_mode, global_lowest
+from talos.modes.lora import LoRASettings
 from talos.task_vector import TaskVector
 
 from .conftest import ToyViT, image_batches
@@ -58,7 +59,8 @@ def test_lora_is_a_noop_at_init_and_trains_only_adapters():
     x = image_batches(1, 3)[0]
     ref = model(x).detach()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ctx = ModeContext(model, [n for n, _ in model.named_parameters()], lora_targets=_mha_targets, lora_rank=2)
+    ctx = ModeContext(model, [n for n, _ in model.named_parameters()], lora_targets=_mha_targets,
+                      settings=LoRASettings(lora_rank=2))
     state = get_mode("lora").prepare(ctx, None)
     torch.testing.assert_close(state.model(x), ref, rtol=0, atol=0)  # B = 0: exactly the base model
     assert all("lora" in n for n, _ in state.named_params)
@@ -85,8 +87,8 @@ def test_lora_is_a_noop_at_init_and_trains_only_adapters():
 
 
 def _llora(model, rank=2, alpha=4.0, seed=3):
-    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=rank, lora_alpha=alpha, lora_scaling="alpha",
-                      seed=seed)
+    ctx = ModeContext(model, [], lora_targets=_mha_targets, seed=seed,
+                      settings=LoRASettings(lora_rank=rank, lora_alpha=alpha, lora_scaling="alpha"))
     return get_mode("llora").prepare(ctx, None)
 
 
@@ -122,14 +124,16 @@ def test_llora_a_init_is_the_official_xavier_draw():
     assert 0.06 < a0.abs().max() <= (6 / 80) ** 0.5 / 4
     state.cleanup()
     # peft's draw (the official nlp L-LoRA keeps peft's init) on request: uniform within 1/sqrt(E)
-    ctx = ModeContext(model, [], lora_targets=_mha_targets, lora_rank=3, seed=7, lora_init="kaiming")
+    ctx = ModeContext(model, [], lora_targets=_mha_targets, seed=7,
+                      settings=LoRASettings(lora_rank=3, lora_init="kaiming"))
     state = get_mode("llora").prepare(ctx, None)
     a = next(p for n, p in state.named_params if ".A." in n).detach()
     g = torch.Generator().manual_seed(7)
     torch.testing.assert_close(a, (torch.rand(3, E, generator=g) * 2 - 1) / E ** 0.5, rtol=0, atol=0)
     state.cleanup()
     with pytest.raises(ValueError, match="init"):
-        get_mode("llora").prepare(ModeContext(model, [], lora_targets=_mha_targets, lora_init="normal"), None)
+        get_mode("llora").prepare(ModeContext(model, [], lora_targets=_mha_targets,
+                                              settings=LoRASettings(lora_init="normal")), None)
 
 
 def test_llora_update_is_scale_b_a0_and_ignores_a():
@@ -200,7 +204,7 @@ def test_lota_and_ablation_masks():
     eligible = [n for n, _ in model.named_parameters() if n != "pos"]
     named = dict(model.named_parameters())
     tau = TaskVector({n: torch.randn_like(named[n]) for n in eligible})
-    ctx = ModeContext(model, eligible, sparsity=0.8, load_task_vector=lambda m: tau)
+    ctx = ModeContext(model, eligible, settings=SparseSettings(sparsity=0.8), load_task_vector=lambda m: tau)
     N = sum(named[n].numel() for n in eligible)
     for name in ("lota", "random_mask", "magnitude_mask"):
         masks = get_mode(name).masks(ctx)

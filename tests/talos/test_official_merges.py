@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from talos.merges import merge, merge_kwargs_from_args, negation_edits, normalizer_edits
+from talos.merges import merge, negation_edits, normalizer_edits
 from talos.task_vector import TaskVector
 
 TASKS = ["Cars", "DTD", "EuroSAT"]
@@ -202,23 +202,24 @@ def test_consensus_official_keeps_the_last_tasks_mask():
 
 # --------------------------------------------------------------------------------------- plumbing
 def test_variants_validate_and_flags_carry_the_variant():
-    import argparse
+    from dataclasses import replace
 
-    from talos.merges import add_merge_flags
+    from talos.app.flags import parse
+    from tests.talos.test_app import TOY
 
     vecs = _tv(_vectors())
     with pytest.raises(ValueError, match="valid choices: paper, official"):
         merge("ties", vecs, variant="nope")
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         merge("ties", vecs, variant="paper", extra_zeros=3)  # an official-only knob
-    p = argparse.ArgumentParser()
-    add_merge_flags(p, {"ties": {"negation_keys": "attn,mlp,conv"}})
-    args = p.parse_args([])
-    assert args.merge_variant == "official"
-    assert merge_kwargs_from_args(args, "ties") == {"variant": "official", "k": 0.1, "extra_zeros": 0,
-                                                    "negation_keys": "attn,mlp,conv"}
-    assert merge_kwargs_from_args(p.parse_args(["--merge-variant", "paper"]), "ties") == {"variant": "paper", "k": 0.1}
-    assert merge_kwargs_from_args(args, "sum") == {}
+    domain = replace(TOY, defaults={"ties_negation_keys": "attn,mlp,conv"})  # a domain's own default
+    cfg = parse(domain, ["--device", "cpu"])
+    assert cfg.merge_variant == "official"
+    assert cfg.merge_hparams("ties") == {"variant": "official", "k": 0.1, "extra_zeros": 0,
+                                         "negation_keys": "attn,mlp,conv"}
+    assert parse(domain, ["--device", "cpu", "--merge-variant", "paper"]).merge_hparams("ties") == {
+        "variant": "paper", "k": 0.1}
+    assert cfg.merge_hparams("sum") == {}
     assert normalizer_edits("ties", vecs, variant="paper") is None
     assert normalizer_edits("sum", vecs, variant="official") is None
 

@@ -250,7 +250,7 @@ def test_task_negation_subtracts_the_merge_version_of_each_vector() -> None:
 
 
 def test_per_task_table_rows() -> None:
-    from talos.pipeline import per_task_table
+    from talos.stages import per_task_table
 
     add = {"coef": 0.3, "per_task": {"a": {"absolute": 0.5, "normalized": 0.6}}}
     assert per_task_table("addition", add) == (["task", "absolute", "normalized", "coef"], [["a", 0.5, 0.6, 0.3]])

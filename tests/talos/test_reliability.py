@@ -2,7 +2,6 @@
 manifests, load errors, locks, locked results.json updates."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -14,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from talos import cli, io
+from talos import io
+from talos.app import checks
 from talos.report import update_results
 from talos.rng import SeededDataset, stream_seed
 from talos.train import DivergenceError, TrainConfig, setup_trainable, train
-from tests.talos.test_cli import _parse
+from tests.talos.test_app import _parse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,20 +56,18 @@ def test_save_that_is_a_file_is_refused(tmp_path, capsys):
 def test_missing_pretrained_file_and_content_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("TALOS_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="no such file"):
-        cli.check_pretrained_file(str(tmp_path / "missing.pt"))
-    assert cli.check_pretrained_file("openai") is None and cli.check_pretrained_file("none") is None
+        checks.check_pretrained_file(str(tmp_path / "missing.pt"))
+    assert checks.check_pretrained_file("openai") is None and checks.check_pretrained_file("none") is None
     w = tmp_path / "w.pt"
     w.write_bytes(b"weights-1")
-    h1 = cli.check_pretrained_file(str(w))
+    h1 = checks.check_pretrained_file(str(w))
     import hashlib
 
     assert h1 == "sha256:" + hashlib.sha256(b"weights-1").hexdigest()
     assert (tmp_path / "cache" / "file_hashes.json").is_file()  # cached: keyed by path, size, mtime
     w.write_bytes(b"weights-2")  # replaced file: a new hash, so a new run folder
     os.utime(w, ns=(1, 1))
-    assert cli.check_pretrained_file(str(w)) == "sha256:" + hashlib.sha256(b"weights-2").hexdigest()
-    ns = argparse.Namespace(pretrained=str(w), pretrained_id="sha256:x")
-    assert cli.pretrained_key(ns) == "sha256:x"
+    assert checks.check_pretrained_file(str(w)) == "sha256:" + hashlib.sha256(b"weights-2").hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- training

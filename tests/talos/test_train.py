@@ -109,7 +109,7 @@ def test_mode_registry():
     model = ToyViT()
     eligible = [n for n, _ in model.named_parameters() if n != "pos"]
     ctx = ModeContext(model, eligible, forward_fn=lambda m, b: m(b),
-                      calibration_batches=lambda: image_batches(1, 4), sparsity=0.9, progress=False)
+                      calibration_batches=lambda: image_batches(1, 4), progress=False)
     assert get_mode("standard").masks(ctx) is None
     masks = get_mode("talos").masks(ctx)
     kept = sum(int(m.sum()) for m in masks.values())

@@ -45,7 +45,7 @@ def test_pipeline_end_to_end_every_mode(data, tmp_path):
         assert (d / f).exists(), f
     assert not (d / "checkpoint.pt").exists()
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["args"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
+    assert cfg["settings"]["method"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
     for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
         eval_task_addition.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
                                        "--results-json", str(results)))
@@ -194,22 +194,22 @@ def test_zeroshot_head_shape_and_norm():
 
 
 def test_merge_flags_reach_the_merge(data, tmp_path):
-    from talos.merges import MERGE_HPARAMS, merge_kwargs_from_args
+    from talos.merges import hparams_of
     from vision.args import parse_args
 
     from vision.models import official_leftover_entries
 
     args = parse_args(common(data, tmp_path, "--merge", "ties", "--ties-k", "0.2", "--tall-masks-lam", "0.6"))
     # the default variant is the official scripts', with the vision scripts' key filters and leftover count
-    assert merge_kwargs_from_args(args, "ties") == {
+    assert args.merge_hparams("ties") == {
         "variant": "official", "k": 0.2, "extra_zeros": official_leftover_entries("talos-tiny-vit"),
         "negation_keys": "attn,mlp,conv"}
-    assert merge_kwargs_from_args(args, "tall_masks") == {"variant": "official", "lam": 0.6}
-    assert merge_kwargs_from_args(args, "dare") == {
+    assert args.merge_hparams("tall_masks") == {"variant": "official", "lam": 0.6}
+    assert args.merge_hparams("dare") == {
         "variant": "official", "p": 0.9, "seed": 0, "skip_keys": "positional_embedding,text_projection,logit_scale",
         "negation_keys": "attn,mlp,conv"}
     paper = parse_args(common(data, tmp_path, "--merge-variant", "paper"))
-    assert merge_kwargs_from_args(paper, "dare") == {"variant": "paper", **MERGE_HPARAMS["dare"]}
+    assert paper.merge_hparams("dare") == {"variant": "paper", **hparams_of("dare")}
 
 
 def _vision_worker(rank, world, port, data, save, results):
@@ -259,6 +259,9 @@ def test_grad_checkpointing_flag():
         parse_args(base + ["--finetuning-mode", "linear"], need_train_dataset=True)
 
 
+PINNED_VISION = ("7d8efc7be0", "f10282274f")  # talos, standard
+
+
 def test_hash_of_the_real_default_configuration_is_pinned():
     """The paper's default runs (ViT-B-32, openai, Cars) keep their folders: a change here orphans real runs.
 
@@ -271,24 +274,25 @@ def test_hash_of_the_real_default_configuration_is_pinned():
         return RUNS.finetune(a, "Cars")
 
     talos_run, std_run = run(), run("--finetuning-mode", "standard")
-    assert talos_run.hparams["activation"] == "quick_gelu" and talos_run.hparams["precision"] == "fp32"
-    assert talos_run.hparams["fisher_target"] == "logit"
-    assert talos_run.hparams["zero_score_entries"] == 1024  # the official eligible set counts ln_final
-    assert (talos_run.hash, std_run.hash) == ("f3385b6fdd", "f7e53250c9")
+    # only what differs from the declared defaults: resolved presets, activation and precision
+    assert dict(talos_run.hparams) == {"mode": "talos", "task": "Cars", "activation": "quick_gelu",
+                                       "precision": "fp32", "epochs": 35, "calibration_batch_size": 64}
+    assert dict(std_run.hparams) == {"mode": "standard", "task": "Cars", "activation": "quick_gelu",
+                                     "precision": "fp32", "epochs": 35}
+    assert (talos_run.hash, std_run.hash) == PINNED_VISION
     assert run("--precision", "bf16").hash != talos_run.hash
     assert run("--activation", "gelu", "--allow-activation-mismatch").hash != talos_run.hash
-    no_ln = run("--no-count-text-ln-final")
-    assert no_ln.hparams["zero_score_entries"] == 0 and no_ln.hash != talos_run.hash
+    assert run("--fisher-target", "log_prob").hparams["fisher_target"] == "log_prob"
+    no_ln = run("--no-count-text-ln-final")  # the official eligible set counts ln_final: the default
+    assert no_ln.hparams["count_text_ln_final"] is False and no_ln.hash != talos_run.hash
 
 
 def test_merge_variant_is_part_of_the_evaluation_hash():
-    from talos.merges import merge_kwargs_from_args
     from vision import args as vargs
     from vision.common import RUNS
 
     def ev(*extra):
-        a = vargs.parse_args(["--device", "cpu", "--merge", "ties", *extra])
-        return RUNS.evaluation(a, "addition", {"merge": "ties", "merge_kwargs": merge_kwargs_from_args(a, "ties")})
+        return RUNS.evaluation(vargs.parse_args(["--device", "cpu", "--merge", "ties", *extra]), "addition")
 
     official, paper = ev(), ev("--merge-variant", "paper")
     assert official.hparams["merge_kwargs"]["variant"] == "official" and official.hash != paper.hash

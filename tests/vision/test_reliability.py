@@ -167,7 +167,7 @@ def test_resume_mid_epoch_with_workers(data, tmp_path, reference):
 @pytest.mark.slow
 def test_sigkill_after_the_mask(data, tmp_path, reference):
     save = tmp_path / "runs"
-    rc = _killed(data, save, "import talos.pipeline as p\np.train = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
+    rc = _killed(data, save, "import talos.stages as p\np.train = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
     assert rc == -signal.SIGKILL and (run_dir(save) / "mask.safetensors").exists()
     finetune.main(common(data, save, *TASK))
     assert same(tv(save), reference)

@@ -20,14 +20,17 @@ Modes whose task vectors are missing (a failed or skipped run) are left out and 
 """
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from talos.analysis import FIGURES, FigureContext, XI_ALPHAS
 from talos.analysis.compute import kind_of, layer_of, mask_stats  # noqa: F401  (the demo's public names)
 from talos.analysis import plots
+from talos.analysis.figures import AnalysisSettings
+from talos.app.flags import Config, build_parser as settings_parser, parse
+from talos.config import Settings, setting
 
 logger = logging.getLogger("talos")
 
@@ -41,27 +44,44 @@ def task_vector_stats(tvs: dict[str, Any]) -> tuple[dict[str, float], dict[str, 
     return norms, cos
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vision.args import build_parser as vision_parser
+@dataclass
+class DemoFigureSettings(Settings):
+    """Where the demo's figures go and how many examples each uses."""
 
-    p = vision_parser(__doc__.split("\n\n")[0])
-    g = p.add_argument_group("figures")
-    g.add_argument("--figures-dir", required=True, help="where the PNGs and diagnostics.json go")
-    g.add_argument("--pair", default=None, help="two comma-separated tasks for ξ (default: the first two)")
-    g.add_argument("--xi-examples", type=int, default=100, help="test images per task for ξ")
-    g.add_argument("--ratio-examples", type=int, default=200,
-                   help="test images per task for the accuracy ratios, the linearized check and sensitivity transfer")
-    g.add_argument("--modes", default=None, help="comma-separated modes (default: every registered mode)")
-    return p
+    figures_dir: str = setting("", "where the PNGs and diagnostics.json go (required)", hashed=False)
+    pair: list | None = setting(None, "two comma-separated tasks for ξ (default: the first two)", csv=True, kind=list,
+                                hashed=False)
+    xi_examples: int = setting(100, "test images per task for ξ", low=1, hashed=False)
+    ratio_examples: int = setting(200, "test images per task for the accuracy ratios, the linearized check and "
+                                  "sensitivity transfer", low=1, hashed=False)
+    modes: list | None = setting(None, "comma-separated modes (default: every registered mode)", csv=True, kind=list,
+                                 hashed=False)
+
+    def check(self) -> None:
+        super().check()
+        if not self.figures_dir:
+            raise ValueError("--figures-dir is required")
 
 
-def _context(args: argparse.Namespace, modes: list[str], max_examples: int, pair: list[str]) -> FigureContext:
+def _domain():
+    from vision.args import DOMAIN
+
+    return replace(DOMAIN, description=__doc__.split("\n\n")[0], extra={"demo": DemoFigureSettings})
+
+
+def build_parser():
+    """The vision flags plus the demo's figure flags."""
+    return settings_parser(_domain())
+
+
+def _context(args: Config, modes: list[str], max_examples: int, pair: list[str]) -> FigureContext:
     from vision.analyze import VISION
 
-    a = argparse.Namespace(**{**vars(args), "modes": modes, "max_examples": max_examples, "split": "test",
-                              "pair": pair, "alphas": list(XI_ALPHAS), "prune_fraction": None,
-                              "sparsities": [args.sparsity], "force": False})
-    return FigureContext(VISION, a)
+    groups = {k: g for k, g in args if k != "demo"}
+    groups["analysis"] = AnalysisSettings(modes=modes, max_examples=max_examples, split="test", pair=pair,
+                                          alphas=list(XI_ALPHAS), prune_fraction=None, sparsities=[args.sparsity],
+                                          force=False)
+    return FigureContext(VISION, Config(args.domain, groups, args.argv).freeze())
 
 
 def _figure(name: str, ctx: FigureContext) -> dict[str, Any]:
@@ -73,14 +93,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from talos.io import atomic_write_json, read_json
     from talos.modes import MODES, run_order
 
-    from vision.args import validate
-
-    args = validate(build_parser().parse_args(argv))
+    args = parse(_domain(), argv)
     out = Path(args.figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     tasks = list(args.eval_datasets)
-    pair = args.pair.split(",") if args.pair else tasks[:2]
-    wanted = args.modes.split(",") if args.modes else [m for m in run_order() if m in MODES]
+    pair = list(args.pair) if args.pair else tasks[:2]
+    wanted = list(args.modes) if args.modes else [m for m in run_order() if m in MODES]
     results = read_json(args.results_json) if args.results_json and Path(args.results_json).exists() else {}
     written = []
     if results.get("addition") or results.get("negation"):

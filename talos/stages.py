@@ -1,4 +1,4 @@
-"""Domain-agnostic stages of the fine-tuning and evaluation scripts (``vision/`` and ``nlp/`` both run on them).
+"""The stages of fine-tuning and evaluation, the same for every domain (``vision/`` and ``nlp/`` run on them).
 
 A domain adapter builds its model, data, ``ModeContext`` and run paths; these functions do the rest the same
 way for every domain:
@@ -11,15 +11,11 @@ way for every domain:
 * :func:`run_protocol`: one evaluation protocol with its skip-when-done run folder, wandb tracker and
   ``--results-json`` export (:func:`export_results`, the shared schema of :mod:`talos.report`).
 
-The scripts' flag-level glue is here too, keyed by the shared flags of :mod:`talos.cli`:
-:func:`start_finetune` (source mode, skip when done, fail fast on missing inputs, config, tracker),
-:func:`mode_context` (the flags a :class:`~talos.modes.ModeContext` takes) and :func:`evaluate_from_args`.
+The scripts' command-line glue over these stages lives in :mod:`talos.app.jobs`.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -28,14 +24,12 @@ from torch import Tensor, nn
 from . import distributed as dist
 from . import evaluation
 from .calibration import format_mask_report, mask_report
-from .cli import RunPaths
 from .io import (RunLock, atomic_write_json, check_artifact, forget_artifact, load_tensors, read_json,
                  record_artifact, save_tensors)
-from .merges import merge_kwargs_from_args
-from .modes import FinetuneMode, ModeContext, get_mode
+from .modes import FinetuneMode, ModeContext
 from .paths import EvalRun, FinetuneRun
 from .report import update_results
-from .runinfo import run_metadata, seed_everything
+from .runinfo import seed_everything
 from .task_vector import TaskVector
 from .tracking import Tracker
 from .train import DivergenceError, TrainConfig, train
@@ -46,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("talos")
 
 __all__ = ["PROTOCOLS", "finetune_with_mode", "ParameterEditor", "EditEvaluator", "run_protocol", "export_results",
-           "per_task_table", "FinetuneJob", "start_finetune", "mode_context", "evaluate_from_args"]
+           "per_task_table", "run_complete", "hold_run_lock", "release_run_lock", "check_finite_task_vector"]
 
 PROTOCOLS = ("single_task", "addition", "negation")
 
@@ -367,103 +361,3 @@ def run_protocol(
         export_results(results_json, protocol, mode, result, merge=merge)
     logger.info("%s: %s", protocol, {k: v for k, v in result.items() if isinstance(v, (int, float))})
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Script glue over the shared flags (talos.cli)
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class FinetuneJob:
-    """A fine-tuning job after its checks: ``done`` holds the metrics when the run already completed."""
-
-    mode: FinetuneMode
-    run: FinetuneRun
-    tracker: Tracker
-    done: dict[str, Any] | None = None
-
-
-def start_finetune(args: argparse.Namespace, argv: Sequence[str] | None, *, runs: RunPaths) -> FinetuneJob:
-    """Resolve the mode, skip a completed run, fail fast on missing inputs, write the config, open wandb.
-
-    A mode that reuses another's task vectors (``posthoc`` -> ``standard``) fine-tunes that mode instead;
-    a mode that reads another's task vector (LoTA) fails here, before any model loads, when it is missing.
-    Call after ``dist.init_from_env`` and after the data checks; seeds the RNGs last.
-    """
-    mode = get_mode(args.finetuning_mode)
-    if mode.source_mode is not None:  # e.g. posthoc evaluates standard task vectors: make sure they exist
-        logger.info("%s reuses %s task vectors", mode.name, mode.source_mode)
-        args.finetuning_mode = mode.source_mode
-        mode = get_mode(mode.source_mode)
-    task = args.train_dataset
-    run = runs.finetune(args, task)
-    if run_complete(run) is None:
-        logger.info("skip: %s already has its task vector (%s)", task, run.dir)
-        return FinetuneJob(mode, run, Tracker(False), done=read_json(run.metrics))
-    for req in mode.requires:  # e.g. LoTA reads the standard run's task vector: fail now, not after loading
-        runs.task_vectors(args, [task], mode=req)
-    hold_run_lock(run)  # a second process on this run exits here, naming the PID of the first
-    if run_complete(run) is None:  # finished by another process between the check above and the lock
-        release_run_lock(run)
-        logger.info("skip: %s already has its task vector (%s)", task, run.dir)
-        return FinetuneJob(mode, run, Tracker(False), done=read_json(run.metrics))
-    if dist.is_main() and (run.task_vector.exists() or run.metrics.exists()):
-        logger.warning("recomputing %s: %s", run.dir, run_complete(run))
-        for p in (run.metrics, run.task_vector, run.finetuned):
-            forget_artifact(p)
-            p.unlink(missing_ok=True)
-    config = {"args": dict(vars(args)), "world_size": dist.world_size(),
-              **run_metadata(list(argv) if argv is not None else None)}
-    if dist.is_main():
-        run.write_config(config)
-    tracker = Tracker(args.wandb and dist.is_main(), project=args.wandb_project, entity=args.wandb_entity,
-                      name=f"{args.model}-{args.finetuning_mode}-{task}-{run.hash}", config=config,
-                      group=f"{args.model}-{args.finetuning_mode}", dir=run.dir)
-    seed_everything(args.seed)
-    return FinetuneJob(mode, run, tracker)
-
-
-def mode_context(args: argparse.Namespace, tracker: Tracker, *, runs: RunPaths, **fields: Any) -> ModeContext:
-    """A :class:`ModeContext` with the method flags filled in; ``fields`` give the domain's model parts
-    (``model``, ``eligible``, ``dense``, ``forward_fn``, ``calibration_batches``, ``lora_targets``)."""
-    task = args.train_dataset
-    return ModeContext(
-        sparsity=args.sparsity, rounds=args.calibration_rounds, soft_mask=args.soft_mask,
-        fisher_target=args.fisher_target, fisher_draws=args.fisher_draws, max_batches=args.calibration_batches,
-        seed=args.seed, progress=not args.no_progress,
-        on_round=lambda r, d, m: tracker.log({"calibration/round": r, "calibration/density": d}),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_scaling=args.lora_scaling,
-        lora_init=getattr(args, "lora_init", None),
-        load_task_vector=lambda m: runs.task_vectors(args, [task], mode=m)[task],
-        **fields,
-    )
-
-
-def evaluate_from_args(protocol: str, args: argparse.Namespace, argv: Sequence[str] | None, *, runs: RunPaths,
-                       check_data: Callable[[list[str]], None], make_evaluator: Callable[[], evaluation.Evaluate]) -> dict[str, Any]:
-    """One protocol for ``--finetuning-mode`` over ``--eval-datasets`` (see :func:`run_protocol`).
-
-    ``check_data(tasks)`` must raise before any model loads when a task's data is missing.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
-    tasks = list(args.eval_datasets)
-    check_data(tasks + ([args.control_dataset] if protocol == "negation" else []))
-    extra: dict[str, Any] = {}
-    if protocol == "addition":
-        extra = {"merge": args.merge, "merge_kwargs": merge_kwargs_from_args(args, args.merge)}
-    elif protocol == "negation":
-        extra = {"control": args.control_dataset, "threshold": args.control_threshold}
-        if args.merge != "sum":  # (sum keeps the folders negation runs had before merges applied to it)
-            extra.update(merge=args.merge, merge_kwargs=merge_kwargs_from_args(args, args.merge))
-    return run_protocol(
-        protocol, run=runs.evaluation(args, protocol, extra), single_task_run=runs.evaluation(args, "single_task"),
-        mode=get_mode(args.finetuning_mode).results_label(args),
-        load_task_vectors=lambda: runs.task_vectors(args, tasks),
-        make_evaluator=make_evaluator, control=args.control_dataset, merge=args.merge,
-        merge_kwargs=extra.get("merge_kwargs"), n_points=args.n_eval_points, threshold=args.control_threshold,
-        seed=args.seed, config={"args": dict(vars(args)), **run_metadata(list(argv) if argv is not None else None)},
-        make_tracker=lambda r: Tracker(args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                                       name=f"{args.model}-{args.finetuning_mode}-{protocol}-{r.hash}",
-                                       config=vars(args), dir=r.dir),
-        results_json=args.results_json,
-    )
