@@ -22,6 +22,11 @@ with a warning naming them; never to an approximation. Rules for more module typ
 :func:`register_per_example_rule`; transformers' ``Conv1D`` and common RMS norms are built in, matched by
 class name (:data:`RMS_NORM_CLASSES`), so neither transformers nor an adapter is imported for them.
 
+Entry points: :func:`fisher_scores` (one pass over some batches); :class:`FisherScorer`, the same scorer built
+once and run many times (calibration scores every round with one, under a soft mask placed at its
+:attr:`~FisherScorer.sites`); :func:`fisher_scores_reference`, the official per-example-backward algorithm that
+tests and benchmarks compare against; :func:`scoring_mode`, the eval-mode/grad-flags context both use.
+
 Known limit: where the batch lives is read from shapes (dim 0 == B, else dim 1: sequence-first). A batch-free
 layer input whose leading dim happens to equal B (T5's [T, T] relative-position buckets when T == B) is taken
 as batched and scored wrongly by its layer rule; [1, T] shared position ids are recognised whatever T is.
