@@ -58,8 +58,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return t2 - t0, t2 - t1
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print a markdown table and write the JSON results."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's command line."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output file")
     ap.add_argument("--batch", type=int, default=32)
@@ -68,58 +68,49 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    template = build_model()
-    n_params = sum(p.numel() for p in template.parameters())
-    masks = random_masks(template, args.density, args.seed + 1)
-    n_train = sum(int(m.sum()) for m in masks.values())
-    variants = make_variants(template, masks, lr=1e-3, wd=0.1)
 
-    g = torch.Generator().manual_seed(args.seed + 2)
-    x = torch.randn(args.batch, 3, 224, 224, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-
+def time_variants(variants: dict[str, tuple], x: torch.Tensor, y: torch.Tensor, warmup: int,
+                  steps: int) -> dict[str, list[tuple[float, float]]]:
+    """Per variant, (full step s, optimizer.step s) of each timed step after ``warmup`` untimed ones."""
     # Round-robin over variants so background load perturbs all of them alike.
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for i in range(args.warmup + args.steps):
+    for i in range(warmup + steps):
         for name, (model, opt) in variants.items():
             t = train_step(model, opt, x, y)
-            if i >= args.warmup:
+            if i >= warmup:
                 times[name].append(t)
+    return times
 
+
+def summarize(variants: dict[str, tuple], times: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """One result row per variant: medians, minima, ratios to dense AdamW, optimizer-state bytes."""
     base = statistics.median(t[0] for t in times["dense AdamW"])
     base_min = min(t[0] for t in times["dense AdamW"])
     rows = []
     for name, (model, opt) in variants.items():
         step = statistics.median(t[0] for t in times[name])
-        ostep = statistics.median(t[1] for t in times[name])
         # min is reported too: with other processes on the same cores it is the least noisy.
         step_min = min(t[0] for t in times[name])
-        ostep_min = min(t[1] for t in times[name])
-        rows.append(
-            dict(
-                variant=name,
-                step_median_s=step,
-                opt_step_median_s=ostep,
-                step_ratio_vs_dense=step / base,
-                step_min_s=step_min,
-                opt_step_min_s=ostep_min,
-                step_min_ratio_vs_dense=step_min / base_min,
-                state_bytes=masked_state_bytes(opt),
-                step_times_s=[t[0] for t in times[name]],
-                opt_step_times_s=[t[1] for t in times[name]],
-            )
-        )
-    dense_bytes = rows[0]["state_bytes"]
+        rows.append(dict(
+            variant=name,
+            step_median_s=step,
+            opt_step_median_s=statistics.median(t[1] for t in times[name]),
+            step_ratio_vs_dense=step / base,
+            step_min_s=step_min,
+            opt_step_min_s=min(t[1] for t in times[name]),
+            step_min_ratio_vs_dense=step_min / base_min,
+            state_bytes=masked_state_bytes(opt),
+            step_times_s=[t[0] for t in times[name]],
+            opt_step_times_s=[t[1] for t in times[name]],
+        ))
+    return rows
 
-    print(
-        f"\nViT w256 L6 p32 + Linear(128,10): {n_params:,} params, {n_train:,} trainable "
-        f"({n_train / n_params:.1%}), batch {args.batch}, {args.threads} threads, "
-        f"median of {args.steps} steps after {args.warmup} warm-up\n"
-    )
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as a markdown table (times in ms, state in MiB, ratios to the first row's state)."""
+    dense_bytes = rows[0]["state_bytes"]
     print(
         "| variant | step median (ms) | step / dense | step min (ms) | min / dense "
         "| opt.step median (ms) | opt.step min (ms) | state (MiB) | state / dense |"
@@ -133,6 +124,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {r['state_bytes'] / 2**20:.2f} | {r['state_bytes'] / dense_bytes:.3f} |"
         )
 
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print a markdown table and write the JSON results."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    template = build_model()
+    n_params = sum(p.numel() for p in template.parameters())
+    masks = random_masks(template, args.density, args.seed + 1)
+    n_train = sum(int(m.sum()) for m in masks.values())
+    variants = make_variants(template, masks, lr=1e-3, wd=0.1)
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    x = torch.randn(args.batch, 3, 224, 224, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    rows = summarize(variants, time_variants(variants, x, y, args.warmup, args.steps))
+
+    print(
+        f"\nViT w256 L6 p32 + Linear(128,10): {n_params:,} params, {n_train:,} trainable "
+        f"({n_train / n_params:.1%}), batch {args.batch}, {args.threads} threads, "
+        f"median of {args.steps} steps after {args.warmup} warm-up\n"
+    )
+    print_table(rows)
     result = dict(
         config=dict(vars(args), out=str(args.out)),
         model="open_clip VisionTransformer(224, patch 32, width 256, layers 6, heads 4, mlp 4.0, out 128) + Linear(128, 10)",

@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .fisher import ForwardFn, _build_plan, _chunk_default, _Plan, _score_batches, _scoring_mode, _validate
-from .fisher import _Workspace, resolve_params
+from .fisher import FisherScorer, ForwardFn, check_scoring_args, locate_params
 from . import distributed as dist
 
 logger = logging.getLogger("talos")
@@ -68,18 +67,19 @@ class _SoftMask(nn.Module):
 
 
 @contextmanager
-def soft_masked(plan_or_model: Any, masks: Mapping[str, Tensor], factor: float) -> Iterator[None]:
+def soft_masked(model_or_scorer: nn.Module | FisherScorer, masks: Mapping[str, Tensor],
+                factor: float) -> Iterator[None]:
     """Within the block, entries where ``masks`` is False are multiplied by ``factor`` in every forward.
 
-    ``plan_or_model`` is an ``nn.Module`` (names resolved with ``named_parameters``) or an internal plan.
-    Tensors whose mask is all True are left alone. Parametrizations are removed on exit, restoring the
-    original parameter objects (no weight is ever written).
+    ``model_or_scorer`` is an ``nn.Module`` (names resolved with ``named_parameters``) or a
+    :class:`~talos.fisher.FisherScorer` (its :attr:`~talos.fisher.FisherScorer.sites`, resolved before any
+    parametrization). Tensors whose mask is all True are left alone. Parametrizations are removed on exit,
+    restoring the original parameter objects (no weight is ever written).
     """
-    if isinstance(plan_or_model, nn.Module):
-        names = list(masks)
-        targets = _build_plan(plan_or_model, names, _Workspace(1)).targets
+    if isinstance(model_or_scorer, nn.Module):
+        targets = locate_params(model_or_scorer, list(masks))
     else:
-        targets = plan_or_model.targets
+        targets = model_or_scorer.sites
     done: list[tuple[nn.Module, str]] = []
     order = {}  # removing a parametrization re-registers the parameter last; restore the original order
     try:
@@ -120,10 +120,16 @@ def _kth_smallest(flat: Tensor, k: int) -> Tensor:
     return torch.kthvalue(flat[bucket == b], k - below).values
 
 
-def _global_keep(
+def keep_lowest(
     scores: Mapping[str, Tensor], keep: Mapping[str, Tensor], k: int, names: list[str]
 ) -> dict[str, Tensor]:
-    """Keep the k lowest scores among currently kept entries; ties go to the earlier (name order, index)."""
+    """Masks keeping the ``k`` lowest ``scores`` among the entries where ``keep`` is True, globally over ``names``.
+
+    One ranking over all tensors (not per tensor): ``scores[n]`` and ``keep[n]`` share a shape; entries already
+    dropped (``keep`` False) are never re-selected, so masks only shrink. Ties at the threshold go to the
+    earlier entry (name order, then flat index). Returns ``{name: BoolTensor}`` on the first score's device;
+    NaN scores raise RuntimeError.
+    """
     dev = scores[names[0]].device
     flat = torch.cat([scores[n].to(dev, torch.float32).flatten() for n in names])  # (N,) float32
     # dropped entries at +inf so they are never re-selected (in place: no second N-sized temporary)
@@ -211,53 +217,24 @@ def calibrate_masks(
     soft_mask = float(soft_mask)
     if not (0.0 <= soft_mask <= 1.0):
         raise ValueError(f"soft_mask must be in [0, 1], got {soft_mask}")
-    _validate(target, draws)
+    check_scoring_args(target, draws)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be positive, got {max_batches}")
-    names = resolve_params(model, params)
-    ws = _Workspace(_chunk_default(model, chunk_elements))
-    plan: _Plan = _build_plan(model, names, ws)  # resolved before any parametrization renames parameters
-    named = dict(model.named_parameters())
-    leaves = [plan.targets[n].leaf() for n in names]
-    total = sum(named[n].numel() for n in names)
-    keep = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
-
-    # Label draws are seeded per batch (from one draw of `generator` per round), and batch scores are summed
-    # in float64: masks are then identical whether one process or several ranks (torchrun) score the data.
     if zero_score_entries < 0:
         raise ValueError(f"zero_score_entries must be >= 0, got {zero_score_entries}")
+    scorer = FisherScorer(model, params=params, target=target, draws=draws, chunk_elements=chunk_elements)
+    names = scorer.names
+    named = dict(model.named_parameters())
+    total = sum(named[n].numel() for n in names)
+    keep = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
     for r, d_r in enumerate(densities, start=1):
         k = max(0, kept_count(d_r, total + zero_score_entries) - zero_score_entries)
-        base = int(torch.randint(0, 2**62, (1,), generator=generator))
-        seed_of = lambda b, base=base: torch.Generator().manual_seed(base + b)  # noqa: E731
-        data = batches if max_batches is None else itertools.islice(batches, max_batches)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            n_bar = max_batches
-            if n_bar is None and hasattr(batches, "__len__"):
-                n_bar = len(batches)  # type: ignore[arg-type]
-            bar = tqdm(total=n_bar, desc=f"calibration round {r}/{rounds}", leave=False)
-        try:
-            with soft_masked(plan, keep, soft_mask), _scoring_mode(model, leaves):
-                totals = {n: torch.zeros_like(named[n], dtype=torch.float64) for n in names}
-                scores, n_batches = _score_batches(
-                    model, plan, data, forward_fn, target, draws, None, ws, progress=bar, batch_generator=seed_of,
-                    owns=lambda b: b % dist.world_size() == dist.rank(), totals=totals,
-                )
-            counts = torch.tensor([float(n_batches)], dtype=torch.float64, device=next(iter(scores.values())).device)
-            dist.all_reduce_sum_(list(scores.values()) + [counts])
-            n_batches = int(counts.item())
-        finally:
-            if bar is not None:
-                bar.close()
-        if n_batches == 0:
-            raise ValueError(
-                f"calibration round {r} received no batches: pass a re-iterable collection (list, DataLoader), "
-                "not a one-shot iterator"
-            )
-        keep = _global_keep(scores, keep, k, names)
+        # Label draws are seeded per batch (from one draw of `generator` per round), and batch scores are summed
+        # in float64: masks are then identical whether one process or several ranks (torchrun) score the data.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        scores = _round_scores(scorer, batches, forward_fn, keep, soft_mask, seed, max_batches,
+                               progress, (r, rounds))
+        keep = keep_lowest(scores, keep, k, names)
         del scores  # not held while the next round scores (one N-sized float32 copy less at the peak)
         logger.info("calibration round %d/%d: density %.4f (%d / %d entries kept)", r, rounds, d_r, k, total)
         if callback is not None:
@@ -267,10 +244,53 @@ def calibrate_masks(
     return masks
 
 
+def _round_scores(scorer: FisherScorer, batches: Iterable[Any], forward_fn: ForwardFn, keep: Mapping[str, Tensor],
+                  soft_mask: float, seed: int, max_batches: int | None, progress: bool,
+                  round_of: tuple[int, int]) -> dict[str, Tensor]:
+    """One calibration round's Fisher scores (float64), entries outside ``keep`` soft-masked, summed over ranks.
+
+    Batch ``b`` draws its labels from a generator seeded ``seed + b``; each rank scores every world-size-th
+    batch and the float64 sums are all-reduced, so the result does not depend on the number of ranks.
+    """
+    data = batches if max_batches is None else itertools.islice(batches, max_batches)
+    bar = _round_bar(progress, batches, max_batches, round_of)
+    try:
+        with soft_masked(scorer, keep, soft_mask), scorer.scoring():
+            scores, n_batches = scorer.score(
+                data, forward_fn, batch_generator=lambda b: torch.Generator().manual_seed(seed + b),
+                owns=lambda b: b % dist.world_size() == dist.rank(), totals=scorer.zeros(torch.float64),
+                progress=bar,
+            )
+        counts = torch.tensor([float(n_batches)], dtype=torch.float64, device=next(iter(scores.values())).device)
+        dist.all_reduce_sum_(list(scores.values()) + [counts])
+    finally:
+        if bar is not None:
+            bar.close()
+    if int(counts.item()) == 0:
+        raise ValueError(
+            f"calibration round {round_of[0]} received no batches: pass a re-iterable collection (list, "
+            "DataLoader), not a one-shot iterator"
+        )
+    return scores
+
+
+def _round_bar(progress: bool, batches: Iterable[Any], max_batches: int | None, round_of: tuple[int, int]) -> Any:
+    """A tqdm bar over one round's batches (None when ``progress`` is off)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    n_bar = max_batches
+    if n_bar is None and hasattr(batches, "__len__"):
+        n_bar = len(batches)  # type: ignore[arg-type]
+    return tqdm(total=n_bar, desc=f"calibration round {round_of[0]}/{round_of[1]}", leave=False)
+
+
 __all__ = [
     "calibrate_masks",
     "check_sparsity",
     "format_mask_report",
+    "keep_lowest",
     "kept_count",
     "mask_density",
     "mask_report",

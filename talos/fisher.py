@@ -22,12 +22,18 @@ with a warning naming them; never to an approximation. Rules for more module typ
 :func:`register_per_example_rule`; transformers' ``Conv1D`` and common RMS norms are built in, matched by
 class name (:data:`RMS_NORM_CLASSES`), so neither transformers nor an adapter is imported for them.
 
+Entry points: :func:`fisher_scores` (one pass over some batches); :class:`FisherScorer`, the same scorer built
+once and run many times (calibration scores every round with one, under a soft mask placed at its
+:attr:`~FisherScorer.sites`); :func:`fisher_scores_reference`, the official per-example-backward algorithm that
+tests and benchmarks compare against; :func:`scoring_mode`, the eval-mode/grad-flags context both use.
+
 Known limit: where the batch lives is read from shapes (dim 0 == B, else dim 1: sequence-first). A batch-free
 layer input whose leading dim happens to equal B (T5's [T, T] relative-position buckets when T == B) is taken
 as batched and scored wrongly by its layer rule; [1, T] shared position ids are recognised whatever T is.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from contextlib import contextmanager
@@ -314,7 +320,10 @@ def _find_rule(m: nn.Module, ws: _Workspace) -> PerExampleRule | None:
 # Plan: which parameters are scored, by which module, and how.
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
-class _Target:
+class ParamSite:
+    """Where a parameter lives: ``module._parameters[attr]`` is the tensor named ``name`` (the first module
+    owning it, in ``model.modules()`` order, for a tied weight)."""
+
     name: str  # canonical parameter name (as in model.named_parameters())
     module: nn.Module
     attr: str
@@ -329,7 +338,7 @@ class _Target:
 
 @dataclass
 class _Plan:
-    targets: dict[str, _Target]
+    targets: dict[str, ParamSite]
     # modules scored by a rule: id(module) -> (module, rule, {attr: name})
     ruled: dict[int, tuple[nn.Module, PerExampleRule, dict[str, str]]] = field(default_factory=dict)
     mha: dict[int, tuple[nn.Module, dict[str, str]]] = field(default_factory=dict)
@@ -359,28 +368,37 @@ def resolve_params(model: nn.Module, params: Iterable[str] | None = None) -> lis
     return names
 
 
-def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan:
+def _locate(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[ParamSite, list[nn.Module]]]:
+    """Each name's site and every module owning the tensor (more than one: a tied weight)."""
     owners: dict[int, list[nn.Module]] = {}
-    for mod in model.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(mod)
-    # nn.MultiheadAttention uses its out_proj weights functionally (the Linear's forward never runs), so
-    # out_proj parameters are scored by the MHA's own observable forward.
-    mha_of_out = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     attr_of = {}
     for mod in model.modules():
         for attr, p in mod._parameters.items():
             if p is not None:
+                owners.setdefault(id(p), []).append(mod)
                 attr_of.setdefault((id(mod), id(p)), attr)
     named = dict(model.named_parameters())
-    plan = _Plan(targets={})
+    out = {}
     for n in names:
         p = named[n]
         mods = list({id(m): m for m in owners[id(p)]}.values())
-        mod = mods[0]
-        attr = attr_of[(id(mod), id(p))]
-        plan.targets[n] = _Target(n, mod, attr)
+        out[n] = (ParamSite(n, mods[0], attr_of[(id(mods[0]), id(p))]), mods)
+    return out
+
+
+def locate_params(model: nn.Module, names: Sequence[str]) -> dict[str, ParamSite]:
+    """``{name: ParamSite}`` for parameter ``names`` of ``model`` (KeyError for an unknown name)."""
+    return {n: site for n, (site, _) in _locate(model, names).items()}
+
+
+def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan:
+    # nn.MultiheadAttention uses its out_proj weights functionally (the Linear's forward never runs), so
+    # out_proj parameters are scored by the MHA's own observable forward.
+    mha_of_out = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    plan = _Plan(targets={})
+    for n, (site, mods) in _locate(model, names).items():
+        mod, attr = site.module, site.attr
+        plan.targets[n] = site
         if len(mods) > 1:  # tied weight: per-example grads of both uses must be summed before squaring
             plan.direct.append(n)
         elif isinstance(mod, nn.MultiheadAttention):
@@ -599,7 +617,8 @@ def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recor
 # ----------------------------------------------------------------------------------------------------------
 # Scoring.
 # ----------------------------------------------------------------------------------------------------------
-def _validate(target: str, draws: int) -> None:
+def check_scoring_args(target: str, draws: int) -> None:
+    """ValueError unless ``target`` is one of :data:`TARGETS` and ``draws`` a positive integer."""
     if target not in TARGETS:
         raise ValueError(f"unknown Fisher target {target!r}; valid choices: {', '.join(TARGETS)}")
     if not isinstance(draws, int) or draws < 1:
@@ -623,7 +642,7 @@ def per_example_objective(scores: Tensor, labels: Tensor, target: str) -> Tensor
 
 
 @contextmanager
-def _scoring_mode(model: nn.Module, leaves: Sequence[Tensor]) -> Iterator[None]:
+def scoring_mode(model: nn.Module, leaves: Sequence[Tensor]) -> Iterator[None]:
     """Eval mode (deterministic scores) and grad enabled only on ``leaves``; everything restored afterwards.
 
     Identified by tensor identity, not name, so it also works while parametrizations rename parameters.
@@ -644,43 +663,108 @@ def _scoring_mode(model: nn.Module, leaves: Sequence[Tensor]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _score_batches(
-    model: nn.Module,
-    plan: _Plan,
-    batches: Iterable[Any],
-    forward_fn: ForwardFn,
-    target: str,
-    draws: int,
-    generator: torch.Generator | None,
-    ws: _Workspace,
-    progress: Any = None,
-    batch_generator: Callable[[int], torch.Generator] | None = None,
-    owns: Callable[[int], bool] | None = None,
-    totals: dict[str, Tensor] | None = None,
-    report: dict[str, set[str]] | None = None,
-) -> tuple[dict[str, Tensor], int]:
-    """Score ``batches``; returns per-parameter sums and the number of batches scored.
+def _chunk_default(model: nn.Module, chunk_elements: int | None) -> int:
+    if chunk_elements is not None:
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        return chunk_elements
+    p = next(model.parameters(), None)
+    kind = p.device.type if p is not None else "cpu"
+    return DEFAULT_CHUNK_ELEMENTS.get(kind, DEFAULT_CHUNK_ELEMENTS["cuda"])
 
-    ``batch_generator(b)`` gives the label-draw generator of batch ``b`` (instead of one shared
-    ``generator``), ``owns(b)`` skips batches another rank scores, and ``totals`` (float64) receives each
-    batch's float32 scores once the batch is done, so the sum does not depend on how batches are split.
-    ``report["fallback"]`` / ``report["direct"]`` receive the names scored by the per-example backward loop
-    and by the operations consuming them (talos.fisher_direct).
+
+class FisherScorer:
+    """The fast diagonal-Fisher scorer of :func:`fisher_scores`, built once and run over many passes.
+
+    Building it checks the arguments, resolves the parameters to score and decides how each one is scored
+    (a layer rule, the operations consuming it, or the exact fallback). :meth:`score` then adds one pass over
+    some batches; call it inside :meth:`scoring` (eval mode, grads only on the scored tensors). Calibration
+    scores every round with one scorer, under a soft mask applied to :attr:`sites`::
+
+        scorer = FisherScorer(model, params=names, target="logit")
+        with scorer.scoring():
+            scores, n_batches = scorer.score(batches, forward_fn, generator=g)
+
+    Args:
+        model: any ``nn.Module``; scoring runs it in eval mode and leaves it exactly as it was.
+        params, target, draws, chunk_elements: as in :func:`fisher_scores`.
     """
-    scores = {n: torch.zeros_like(t.leaf(), dtype=torch.float32) for n, t in plan.targets.items()}
-    warned: set[str] = set()
-    n_batches = 0
-    for b, batch in enumerate(batches):
-        if owns is not None and not owns(b):
-            continue
-        n_batches += 1
-        if batch_generator is not None:
-            generator = batch_generator(b)
-        if totals is not None:
-            for v in scores.values():
-                v.zero_()
-        with _recording(model, plan, ws) as rec:
-            out = forward_fn(model, batch)
+
+    def __init__(self, model: nn.Module, *, params: Iterable[str] | None = None, target: str = "logit",
+                 draws: int = 1, chunk_elements: int | None = None) -> None:
+        check_scoring_args(target, draws)
+        self.model = model
+        self.target, self.draws = target, draws
+        #: the scored parameter names, in scoring order
+        self.names: list[str] = resolve_params(model, params)
+        self._ws = _Workspace(_chunk_default(model, chunk_elements))
+        # resolved now, before any parametrization (calibration's soft mask) renames parameters
+        self._plan = _build_plan(model, self.names, self._ws)
+        self._leaves = [t.leaf() for t in self._plan.targets.values()]
+
+    @property
+    def sites(self) -> dict[str, ParamSite]:
+        """``{name: ParamSite}`` of the scored parameters (where to apply a parametrization)."""
+        return self._plan.targets
+
+    def scoring(self) -> contextlib.AbstractContextManager[None]:
+        """:func:`scoring_mode` for the scored parameters."""
+        return scoring_mode(self.model, self._leaves)
+
+    def zeros(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """``{name: zeros shaped like the parameter}`` (an accumulator for :meth:`score`'s ``totals``)."""
+        return {n: torch.zeros_like(t.leaf(), dtype=dtype) for n, t in self._plan.targets.items()}
+
+    def score(
+        self,
+        batches: Iterable[Any],
+        forward_fn: ForwardFn,
+        *,
+        generator: torch.Generator | None = None,
+        batch_generator: Callable[[int], torch.Generator] | None = None,
+        owns: Callable[[int], bool] | None = None,
+        totals: dict[str, Tensor] | None = None,
+        progress: Any = None,
+        report: dict[str, set[str]] | None = None,
+    ) -> tuple[dict[str, Tensor], int]:
+        """Score ``batches``; returns per-parameter sums (float32) and the number of batches scored.
+
+        ``batch_generator(b)`` gives the label-draw generator of batch ``b`` (instead of one shared
+        ``generator``), ``owns(b)`` skips batches another rank scores, and ``totals`` (e.g. float64
+        :meth:`zeros`) receives each batch's float32 scores once the batch is done, so the sum does not depend
+        on how batches are split; it is then what is returned. ``progress.update(1)`` is called per batch.
+        ``report`` as in :func:`fisher_scores`.
+        """
+        scores = self.zeros()
+        warned: set[str] = set()
+        n_batches = 0
+        for b, batch in enumerate(batches):
+            if owns is not None and not owns(b):
+                continue
+            n_batches += 1
+            if batch_generator is not None:
+                generator = batch_generator(b)
+            if totals is not None:
+                for v in scores.values():
+                    v.zero_()
+            self._score_batch(batch, forward_fn, generator, scores, warned, report)
+            if totals is not None:
+                for n, v in scores.items():
+                    totals[n] += v
+            if progress is not None:
+                progress.update(1)
+        return (totals if totals is not None else scores), n_batches
+
+    def _score_batch(self, batch: Any, forward_fn: ForwardFn, generator: torch.Generator | None,
+                     scores: dict[str, Tensor], warned: set[str], report: dict[str, set[str]] | None) -> None:
+        """One forward of ``batch`` and, per label draw, one backward; squared per-example grads into ``scores``.
+
+        Every reference to the batch's graph and activations dies with this call (the captures hold layer
+        outputs, whose grad_fn keeps the whole graph alive), so the peak is one batch.
+        """
+        plan, ws = self._plan, self._ws
+        with _recording(self.model, plan, ws) as rec:
+            out = forward_fn(self.model, batch)
             # The recording hooks and the observable MHA forwards stay installed until this batch's gradients
             # are taken, but record nothing more: under (non-reentrant) activation checkpointing the backward
             # re-runs the forward of checkpointed blocks, which must execute the same code as the first time.
@@ -689,39 +773,26 @@ def _score_batches(
                 raise ValueError(
                     f"forward_fn must return per-example class scores [B, C], got shape {tuple(out.shape)}"
                 )
-            B = out.shape[0]
-            labels = draw_labels(out, draws, generator)
-            obj = per_example_objective(out, labels, target)  # (B, draws)
-            good, uses, direct, fallback = _triage(plan, rec, B)
-            new = [n for n in fallback if n not in warned]
-            if new:
-                warned.update(new)
-                logger.warning(
-                    "Fisher: %d parameter(s) use the exact per-example fallback (slower): %s",
-                    len(new), ", ".join(new[:8]) + (" ..." if len(new) > 8 else ""),
-                )
-            for d in range(draws):
+            obj = per_example_objective(out, draw_labels(out, self.draws, generator), self.target)  # (B, draws)
+            good, uses, direct, fallback = _triage(plan, rec, out.shape[0])
+            _warn_fallback(fallback, warned, "")
+            for d in range(self.draws):
                 more = _score_draw(plan, rec, obj[:, d], good, uses, direct, fallback, scores, ws)
-                if more - warned:
-                    warned.update(more)
-                    logger.warning("Fisher: %d parameter(s) use the exact per-example fallback (slower; a use "
-                                   "of them was not seen): %s", len(more), ", ".join(sorted(more)[:8]))
+                _warn_fallback(more, warned, "; a use of them was not seen")
                 if report is not None:
                     report.setdefault("fallback", set()).update(more)
             if report is not None:
                 report.setdefault("fallback", set()).update(fallback)
                 report.setdefault("direct", set()).update(direct)
-            # drop every reference to this batch's graph and activations before the next forward (the
-            # captures hold layer outputs, whose grad_fn keeps the whole graph alive): peak = one batch
-            del out, obj, labels
-            good = uses = None
-        del rec
-        if totals is not None:
-            for n, v in scores.items():
-                totals[n] += v
-        if progress is not None:
-            progress.update(1)
-    return (totals if totals is not None else scores), n_batches
+
+
+def _warn_fallback(names: Iterable[str], warned: set[str], why: str) -> None:
+    """Warn once per parameter that the exact per-example loop scores it."""
+    new = [n for n in names if n not in warned]
+    if new:
+        warned.update(new)
+        logger.warning("Fisher: %d parameter(s) use the exact per-example fallback (slower%s): %s",
+                       len(new), why, ", ".join(sorted(new)[:8]) + (" ..." if len(new) > 8 else ""))
 
 
 def _triage(plan: _Plan, rec: _Recorder, B: int) -> tuple[list[_Capture], list, list[str], list[str]]:
@@ -803,11 +874,16 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
     if slow:
         slow_leaves = [plan.targets[n].leaf() for n in slow]
         for i in range(B):  # exact but slow: one backward per example, only for these parameters
-            gs = torch.autograd.grad(s[i], slow_leaves, retain_graph=True, allow_unused=True)
-            for n, g in zip(slow, gs):
-                if g is not None:
-                    scores[n] += g.float().square()
+            _add_squared_grads(s[i], slow, slow_leaves, scores)
     return failed
+
+
+def _add_squared_grads(s: Tensor, names: Sequence[str], leaves: Sequence[Tensor], scores: dict[str, Tensor]) -> None:
+    """One backward of the scalar ``s`` (one example, one draw): its squared gradients added to ``scores``."""
+    gs = torch.autograd.grad(s, leaves, retain_graph=True, allow_unused=True)
+    for n, g in zip(names, gs):
+        if g is not None:
+            scores[n] += g.float().square()
 
 
 def _batch_dim(t: Tensor, B: int) -> int | None:
@@ -819,28 +895,10 @@ def _batch_dim(t: Tensor, B: int) -> int | None:
     return None
 
 
-def _chunk_default(model: nn.Module, chunk_elements: int | None) -> int:
-    if chunk_elements is not None:
-        if chunk_elements < 1:
-            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
-        return chunk_elements
-    p = next(model.parameters(), None)
-    kind = p.device.type if p is not None else "cpu"
-    return DEFAULT_CHUNK_ELEMENTS.get(kind, DEFAULT_CHUNK_ELEMENTS["cuda"])
-
-
-def fisher_scores(
-    model: nn.Module,
-    batches: Iterable[Any],
-    forward_fn: ForwardFn,
-    *,
-    params: Iterable[str] | None = None,
-    target: str = "logit",
-    draws: int = 1,
-    generator: torch.Generator | None = None,
-    chunk_elements: int | None = None,
-    report: dict[str, set[str]] | None = None,
-) -> dict[str, Tensor]:
+def fisher_scores(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn, *,
+                  params: Iterable[str] | None = None, target: str = "logit", draws: int = 1,
+                  generator: torch.Generator | None = None, chunk_elements: int | None = None,
+                  report: dict[str, set[str]] | None = None) -> dict[str, Tensor]:
     """Diagonal-Fisher sensitivity of each parameter entry: sum over examples and draws of squared gradients.
 
     Args:
@@ -863,61 +921,53 @@ def fisher_scores(
     Returns:
         ``{name: float32 tensor shaped like the parameter}`` on the parameter's device.
     """
-    _validate(target, draws)
-    names = resolve_params(model, params)
-    ws = _Workspace(_chunk_default(model, chunk_elements))
-    plan = _build_plan(model, names, ws)
-    with _scoring_mode(model, [t.leaf() for t in plan.targets.values()]):
-        scores, n = _score_batches(model, plan, batches, forward_fn, target, draws, generator, ws, report=report)
+    scorer = FisherScorer(model, params=params, target=target, draws=draws, chunk_elements=chunk_elements)
+    with scorer.scoring():
+        scores, n = scorer.score(batches, forward_fn, generator=generator, report=report)
     if n == 0:
         raise ValueError("fisher_scores received no batches")
     return scores
 
 
-def fisher_scores_reference(
-    model: nn.Module,
-    batches: Iterable[Any],
-    forward_fn: ForwardFn,
-    *,
-    params: Iterable[str] | None = None,
-    target: str = "logit",
-    draws: int = 1,
-    generator: torch.Generator | None = None,
-) -> dict[str, Tensor]:
+def fisher_scores_reference(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn, *,
+                            params: Iterable[str] | None = None, target: str = "logit", draws: int = 1,
+                            generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """The anchor algorithm of the official code: one batched forward, then one backward per example.
 
     Exact and slow (each backward walks the whole batch graph); kept as the reference that tests and
     ``benchmarks/fisher.py`` compare :func:`fisher_scores` against. Same label draws as the fast path.
     """
-    _validate(target, draws)
+    check_scoring_args(target, draws)
     names = resolve_params(model, params)
     named = dict(model.named_parameters())
     plist = [named[n] for n in names]
     scores = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
-    with _scoring_mode(model, plist):
+    with scoring_mode(model, plist):
         for batch in batches:
             out = forward_fn(model, batch)
             obj = per_example_objective(out, draw_labels(out, draws, generator), target)
             for i in range(obj.shape[0]):
                 for d in range(draws):
-                    gs = torch.autograd.grad(obj[i, d], plist, retain_graph=True, allow_unused=True)
-                    for n, g in zip(names, gs):
-                        if g is not None:
-                            scores[n] += g.float().square()
+                    _add_squared_grads(obj[i, d], names, plist, scores)
     return scores
 
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "TARGETS",
+    "FisherScorer",
+    "ParamSite",
+    "check_scoring_args",
     "draw_labels",
     "fisher_scores",
     "sq_outer_sum",
     "fisher_scores_reference",
+    "locate_params",
     "per_example_objective",
     "register_per_example_rule",
     "register_per_example_rule_by_name",
     "resolve_params",
     "rms_norm_rule",
+    "scoring_mode",
 ]
 

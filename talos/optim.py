@@ -216,14 +216,25 @@ class MaskedAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        lr = float(group["lr"])
+        """Update every parameter of ``group`` that has a gradient: gather, one fused AdamW, write back."""
+        buckets, writebacks = self._gather(group)
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        wd = group["weight_decay"]
+        for b in buckets.values():
+            _adamw_foreach(b, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+        for plan, p, target in writebacks:
+            if plan.kind == _COMPACT:
+                # Only the nnz trainable positions are written; all others stay bitwise.
+                p.view(-1).index_copy_(0, plan.index, target)
+            else:
+                torch.where(plan.mask, target, p, out=p)
 
+    def _gather(self, group: dict[str, Any]) -> tuple[dict[tuple, dict[str, list]], list[tuple[_Plan, Tensor, Tensor]]]:
+        """Per (device, dtype), the lists one fused update takes; plus the (plan, param, target) to write back.
+
+        ``targets`` are the tensors updated in place: the parameter itself (dense), a gathered (nnz,) copy of
+        its trainable entries (compact), or a full clone (masked), whose result is written back afterwards.
+        """
         # Buckets keyed by (device, dtype) so each _foreach_ call sees homogeneous lists.
-        # ``targets`` are the tensors updated in place: the parameter itself (dense), a
-        # gathered (nnz,) copy of its trainable entries (compact), or a full clone (masked).
         buckets: dict[tuple[torch.device, torch.dtype], dict[str, list]] = {}
         writebacks: list[tuple[_Plan, Tensor, Tensor]] = []
         for p in group["params"]:
@@ -235,14 +246,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             grad = p.grad
             if grad.is_sparse:
                 raise RuntimeError("MaskedAdamW does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                n = plan.state_numel(p)
-                shape = (n,) if plan.kind == _COMPACT else p.shape
-                # float32 scalar step, as torch.optim.AdamW stores it (state_dict compatible).
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            state = self._state_of(p, plan)
             if plan.kind == _DENSE:
                 target = p
             elif plan.kind == _COMPACT:
@@ -255,38 +259,45 @@ class MaskedAdamW(torch.optim.Optimizer):
                 grad = torch.where(plan.mask, grad, 0)
                 target = p.clone()
                 writebacks.append((plan, p, target))
-            b = buckets.setdefault(
-                (p.device, p.dtype), {"t": [], "g": [], "m": [], "v": [], "s": []}
-            )
-            b["t"].append(target)
-            b["g"].append(grad)
-            b["m"].append(state["exp_avg"])
-            b["v"].append(state["exp_avg_sq"])
-            b["s"].append(state["step"])
+            b = buckets.setdefault((p.device, p.dtype), {"t": [], "g": [], "m": [], "v": [], "s": []})
+            for key, t in (("t", target), ("g", grad), ("m", state["exp_avg"]), ("v", state["exp_avg_sq"]),
+                           ("s", state["step"])):
+                b[key].append(t)
+        return buckets, writebacks
 
-        for b in buckets.values():
-            targets, grads, exp_avgs, exp_avg_sqs, steps = b["t"], b["g"], b["m"], b["v"], b["s"]
-            torch._foreach_add_(steps, 1)
-            # Same op order and scalars as torch's _single_tensor_adam so results match bitwise.
-            if wd != 0:
-                torch._foreach_mul_(targets, 1 - lr * wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-            step_vals = [s.item() for s in steps]
-            step_sizes = [-(lr / (1 - beta1**t)) for t in step_vals]
-            bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_vals]
-            denoms = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denoms, bc2_sqrts)
-            torch._foreach_add_(denoms, eps)
-            torch._foreach_addcdiv_(targets, exp_avgs, denoms, step_sizes)
+    def _state_of(self, p: Tensor, plan: _Plan) -> dict[str, Any]:
+        """``p``'s AdamW state, created (zero moments, full size or nnz) at its first update."""
+        state = self.state[p]
+        if not state:
+            n = plan.state_numel(p)
+            shape = (n,) if plan.kind == _COMPACT else p.shape
+            # float32 scalar step, as torch.optim.AdamW stores it (state_dict compatible).
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        return state
 
-        for plan, p, target in writebacks:
-            if plan.kind == _COMPACT:
-                # Only the nnz trainable positions are written; all others stay bitwise.
-                p.view(-1).index_copy_(0, plan.index, target)
-            else:
-                torch.where(plan.mask, target, p, out=p)
+
+def _adamw_foreach(b: dict[str, list], lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+    """One AdamW step on a bucket of same-device, same-dtype lists (``t`` targets, ``g`` grads, ``m``/``v``
+    moments, ``s`` step counters), in place.
+
+    Same op order and scalars as torch's ``_single_tensor_adam`` so results match bitwise.
+    """
+    targets, grads, exp_avgs, exp_avg_sqs, steps = b["t"], b["g"], b["m"], b["v"], b["s"]
+    torch._foreach_add_(steps, 1)
+    if wd != 0:
+        torch._foreach_mul_(targets, 1 - lr * wd)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_vals = [s.item() for s in steps]
+    step_sizes = [-(lr / (1 - beta1**t)) for t in step_vals]
+    bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_vals]
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bc2_sqrts)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(targets, exp_avgs, denoms, step_sizes)
 
 
 def _named_parameters(

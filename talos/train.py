@@ -235,71 +235,127 @@ def train(
     """
     cfg.validate()
     device = torch.device(device)
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("training dataset is empty")
-    world, rank = dist.world_size(), dist.rank()
-    if cfg.batch_size % (cfg.accumulation * world):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of accumulation x world size "
-                         f"({cfg.accumulation} x {world})")
-    micro = cfg.batch_size // cfg.accumulation
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch  # type: ignore[operator]
+    steps_per_epoch, total = _step_counts(len(dataset), cfg)
     params = [p for _, p in named_params]
     opt = build_optimizer(named_params, masks, dense, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup, total, cfg.schedule)
-    )
-    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    step, seconds_before = _restore(ckpt, named_params, opt, sched, cfg, total)
-
-    def save_checkpoint() -> None:
-        _save_checkpoint(ckpt, step, named_params, opt, sched, cfg, seconds_before + time.time() - t0)
-
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, total, cfg.schedule))
+    ckpt = _Checkpointer(checkpoint_path, named_params, opt, sched, cfg)
+    step = ckpt.restore(total)
     runner = _wrap_ddp(model, device)
-    bar = _progress_bar(progress, total, step)
+    log = _StepLog(progress, total, step, on_log, cfg.log_every)
     model.train()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    t0 = time.time()
+    ckpt.start_clock()
     last_loss = float("nan")
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        plan = _epoch_batches(n, cfg.batch_size, micro, cfg.seed, epoch)[in_epoch:]
-        if world > 1:  # this rank's contiguous share of each global batch, in micro-batches
-            plan = [_rank_share(step_mbs, rank, world, cfg.accumulation) for step_mbs in plan]
+        plan = _epoch_plan(len(dataset), cfg, epoch)[in_epoch:]
         it = iter(_epoch_loader(dataset, [mb for s in plan for mb in s], cfg, epoch, collate_fn, device))
         for micro_batches in plan:
             if step >= total:
                 break
-            loss_sum = _accumulate(runner, it, micro_batches, loss_fn, autocast, cfg, step, device)
-            # the norm over all gradients (inf max_norm: measured, not clipped) catches NaN/inf gradients
-            gnorm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                                   cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
-            check_finite_step(step + 1, loss_sum, float(gnorm), cfg)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss_sum
+            loss = _accumulate(runner, it, micro_batches, loss_fn, autocast, cfg, step, device)
+            _optimizer_step(params, opt, sched, loss, cfg, step)
+            step, last_loss = step + 1, loss
             if on_step is not None:
                 on_step(step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}")
-            if on_log is not None and dist.is_main() and (step % cfg.log_every == 0 or step == total):
-                on_log(step, {"train/loss": loss_sum, "train/lr": opt.param_groups[0]["lr"], "train/epoch": epoch})
-            if step % cfg.checkpoint_every == 0 or (stop_after is not None and step >= stop_after):
-                save_checkpoint()
-            if stop_after is not None and step >= stop_after:
-                if bar is not None:
-                    bar.close()
-                return {"steps": step, "total_steps": total, "loss": last_loss,
-                        "seconds": seconds_before + time.time() - t0, "interrupted": True}
-    if bar is not None:
-        bar.close()
-    return {"steps": step, "total_steps": total, "loss": last_loss, "seconds": seconds_before + time.time() - t0,
-            "interrupted": False}
+            log.step(step, loss, opt.param_groups[0]["lr"], epoch)
+            stopping = stop_after is not None and step >= stop_after
+            if stopping or step % cfg.checkpoint_every == 0:
+                ckpt.save(step)
+            if stopping:
+                return log.close(step, last_loss, ckpt.seconds(), interrupted=True)
+    return log.close(step, last_loss, ckpt.seconds(), interrupted=False)
 
+
+def _step_counts(n: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for ``n`` examples; ValueError on an empty dataset or a
+    global batch that does not split evenly over accumulation x ranks."""
+    if n == 0:
+        raise ValueError("training dataset is empty")
+    world = dist.world_size()
+    if cfg.batch_size % (cfg.accumulation * world):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of accumulation x world size "
+                         f"({cfg.accumulation} x {world})")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch  # type: ignore[operator]
+    return steps_per_epoch, total
+
+
+def _epoch_plan(n: int, cfg: TrainConfig, epoch: int) -> list[list[list[int]]]:
+    """This rank's micro-batches of dataset indices for every optimizer step of ``epoch``.
+
+    Under torchrun each rank takes its contiguous share of each global batch (:func:`_rank_share`).
+    """
+    plan = _epoch_batches(n, cfg.batch_size, cfg.batch_size // cfg.accumulation, cfg.seed, epoch)
+    world = dist.world_size()
+    if world > 1:
+        plan = [_rank_share(step_mbs, dist.rank(), world, cfg.accumulation) for step_mbs in plan]
+    return plan
+
+
+def _optimizer_step(params: Sequence[nn.Parameter], opt: torch.optim.Optimizer, sched: Any, loss: float,
+                    cfg: TrainConfig, step: int) -> None:
+    """Clip the accumulated gradients, refuse a non-finite step, then step optimizer and schedule."""
+    # the norm over all gradients (inf max_norm: measured, not clipped) catches NaN/inf gradients
+    gnorm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                           cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+    check_finite_step(step + 1, loss, float(gnorm), cfg)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+class _StepLog:
+    """Progress bar (rank 0) and ``on_log`` calls every ``log_every`` steps and at the last step."""
+
+    def __init__(self, progress: bool, total: int, step: int,
+                 on_log: Callable[[int, Mapping[str, float]], None] | None, log_every: int) -> None:
+        self.bar = _progress_bar(progress, total, step)
+        self.total, self.on_log, self.log_every = total, on_log, log_every
+
+    def step(self, step: int, loss: float, lr: float, epoch: int) -> None:
+        """Report optimizer step ``step`` (1-based, already taken)."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        if self.on_log is not None and dist.is_main() and (step % self.log_every == 0 or step == self.total):
+            self.on_log(step, {"train/loss": loss, "train/lr": lr, "train/epoch": epoch})
+
+    def close(self, step: int, loss: float, seconds: float, *, interrupted: bool) -> dict[str, Any]:
+        """Close the bar; the run summary :func:`train` returns."""
+        if self.bar is not None:
+            self.bar.close()
+        return {"steps": step, "total_steps": self.total, "loss": loss, "seconds": seconds,
+                "interrupted": interrupted}
+
+
+class _Checkpointer:
+    """The resume checkpoint of one run (``path`` None: none is kept) and the wall time spent over all attempts."""
+
+    def __init__(self, path: str | Path | None, named_params: Sequence[tuple[str, nn.Parameter]],
+                 opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig) -> None:
+        self.path = Path(path) if path is not None else None
+        self.named_params, self.opt, self.sched, self.cfg = named_params, opt, sched, cfg
+        self.seconds_before = 0.0
+        self.t0 = 0.0  # set by start_clock
+
+    def restore(self, total: int) -> int:
+        """Load the checkpoint if there is one (:func:`_restore`); returns the step to continue from."""
+        step, self.seconds_before = _restore(self.path, self.named_params, self.opt, self.sched, self.cfg, total)
+        return step
+
+    def start_clock(self) -> None:
+        """Training time is counted from here (plus what earlier attempts spent)."""
+        self.t0 = time.time()
+
+    def seconds(self) -> float:
+        """Seconds spent training by this attempt and the ones it resumes."""
+        return self.seconds_before + time.time() - self.t0
+
+    def save(self, step: int) -> None:
+        """Write the resume state after optimizer step ``step`` (:func:`_save_checkpoint`)."""
+        _save_checkpoint(self.path, step, self.named_params, self.opt, self.sched, self.cfg, self.seconds())
 
 
 def _save_checkpoint(ckpt: Path | None, step: int, named_params: Sequence[tuple[str, nn.Parameter]],

@@ -150,9 +150,9 @@ def run_order() -> list[str]:
 
 def global_lowest(scores: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
     """Masks keeping the floor(density · N) lowest scores over all tensors (ties by name order, index)."""
-    from ..calibration import _global_keep, kept_count
+    from ..calibration import keep_lowest, kept_count
 
     names = list(scores)
     keep = {n: torch.ones_like(scores[n], dtype=torch.bool) for n in names}
     k = kept_count(density, sum(s.numel() for s in scores.values()))
-    return {n: m.cpu() for n, m in _global_keep({n: scores[n].float() for n in names}, keep, k, names).items()}
+    return {n: m.cpu() for n, m in keep_lowest({n: scores[n].float() for n in names}, keep, k, names).items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from talos import calibrate_masks, fisher_scores, mask_density, mask_report, round_densities, soft_masked
-from talos.calibration import _global_keep, kept_count
+from talos.calibration import keep_lowest, kept_count
 
 from .conftest import ToyText, ToyViT, image_batches, token_batches
 
@@ -66,13 +66,13 @@ def test_single_round_keeps_the_lowest_scores():
 def test_ties_are_broken_deterministically_in_name_order():
     scores = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
     keep = {"a": torch.ones(2, 3, dtype=torch.bool), "b": torch.ones(4, dtype=torch.bool)}
-    out = _global_keep(scores, keep, 4, ["a", "b"])
+    out = keep_lowest(scores, keep, 4, ["a", "b"])
     assert out["a"].flatten().tolist() == [True, True, True, True, False, False]
     assert not out["b"].any()
     # dropped entries are never selected again, even with lower scores
     keep2 = {"a": torch.tensor([[False, True, True], [True, True, True]]), "b": keep["b"]}
     scores2 = {"a": torch.tensor([[-5.0, 1, 1], [1, 1, 1]]), "b": torch.tensor([0.0, 2, 2, 2])}
-    out2 = _global_keep(scores2, keep2, 2, ["a", "b"])
+    out2 = keep_lowest(scores2, keep2, 2, ["a", "b"])
     assert out2["a"].flatten().tolist() == [False, True, False, False, False, False]
     assert out2["b"].tolist() == [True, False, False, False]
 

@@ -278,3 +278,29 @@ def test_exact_and_fast_under_non_reentrant_activation_checkpointing(model_kind,
         got = fisher_scores(model, batches, fwd, params=names, generator=torch.Generator().manual_seed(3))
     assert "fallback" not in caplog.text
     assert_close_scores(got, ref, rtol=1e-5)
+
+
+def test_fisher_scorer_passes_split_over_ranks_sum_to_one_pass():
+    """The public scorer behind calibration: per-batch generators, owned batches and float64 totals."""
+    from talos.fisher import FisherScorer
+
+    torch.manual_seed(0)
+    model, batches = ToyViT(), image_batches(3, 4)
+    names = [n for n, _ in model.named_parameters()]
+    scorer = FisherScorer(model, target="log_prob", draws=2)
+    gen_of = lambda b: torch.Generator().manual_seed(100 + b)  # noqa: E731
+    with scorer.scoring():
+        assert not model.training
+        totals = scorer.zeros(torch.float64)
+        for rank in (0, 1):  # two "ranks", each scoring every other batch into the same totals
+            _, n = scorer.score(batches, fwd, batch_generator=gen_of, owns=lambda b, r=rank: b % 2 == r,
+                                totals=totals)
+            assert n == (2 if rank == 0 else 1)
+    assert model.training  # restored
+    # independent reference: each batch brute-forced alone with its own seed, summed
+    ref = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for b, batch in enumerate(batches):
+        one = brute_force(model, [batch], fwd, names, "log_prob", 2, seed=100 + b)
+        for n in ref:
+            ref[n] += one[n].double()
+    assert_close_scores({n: t.float() for n, t in totals.items()}, {n: t.float() for n, t in ref.items()})
