@@ -159,7 +159,7 @@ def test_missing_task_vector_names_the_command(data, tmp_path):
 
 def test_eval_cache_gives_the_same_accuracy_and_decodes_once(data, tmp_path, monkeypatch):
     from vision.args import parse_args
-    from vision.common import Evaluator, VisionSetup
+    from vision.common import VisionSetup, make_evaluator
 
     accs, builds = {}, {}
     for mb in (0, 64, 1):  # off, on, too small for the split (falls back to reading the images)
@@ -170,7 +170,7 @@ def test_eval_cache_gives_the_same_accuracy_and_decodes_once(data, tmp_path, mon
         monkeypatch.setattr(setup, "dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
         if mb == 1:
             setup._eval_cache_bytes = 2**20 - 1000  # 1000 bytes left: no split fits
-        ev = Evaluator(setup)
+        ev = make_evaluator(setup)
         edit = TaskVector({n: torch.full_like(p, 1e-3) for n, p in setup.classifier.named_parameters()
                            if n in setup.eligible[:2]})
         accs[mb] = [ev(e, t, s) for e in (None, edit, edit * 2) for t in ("SynthShapes", "SynthColors")

@@ -1,0 +1,32 @@
+"""The body of every domain's evaluation script (``vision/evaluate.py``, ``nlp/evaluate.py``): parse the flags,
+join ``torchrun``, then run one protocol with the domain's data check and evaluator."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Callable, Sequence
+
+from talos import distributed as dist
+from talos.evaluation import Evaluate
+from talos.modes import get_mode
+from talos.pipeline import evaluate_from_args
+
+__all__ = ["evaluation_main"]
+
+
+def evaluation_main(protocol: str, argv: Sequence[str] | None, *, description: str | None,
+                    parse_args: Callable[..., argparse.Namespace], runs: Any,
+                    check_data: Callable[[argparse.Namespace, list[str]], None],
+                    setup: Callable[[argparse.Namespace], Any],
+                    make_evaluator: Callable[[Any, bool], Evaluate]) -> dict[str, Any]:
+    """Run ``protocol`` for ``--finetuning-mode`` over ``--eval-datasets``; returns its results.
+
+    ``check_data(args, tasks)`` raises before any model loads when data are missing; the evaluator is
+    ``make_evaluator(setup(args), linearized)``, linearized when the mode evaluates through the Taylor expansion.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv, description=description)
+    args.device = dist.init_from_env(args.device)  # torchrun: the evaluation data are sharded over ranks
+    linearized = get_mode(args.finetuning_mode).eval_linearized
+    return evaluate_from_args(protocol, args, argv, runs=runs, check_data=lambda tasks: check_data(args, tasks),
+                              make_evaluator=lambda: make_evaluator(setup(args), linearized))
