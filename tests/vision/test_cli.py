@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,55 +30,108 @@ def run_dir(save, mode, task):
     return d
 
 
-def test_pipeline_end_to_end_every_mode(data, tmp_path):
-    save, results = tmp_path / "runs", tmp_path / "results.json"
-    modes = run_order()
-    assert set(modes) == {n for n in MODES.names() if MODES.get(n).trains}  # (imported: vision/import_checkpoints.py)
-    assert modes.index("standard") < modes.index("lota")
-    for mode in modes:
+@pytest.fixture(scope="module")
+def pipeline(data, tmp_path_factory):
+    """Every training mode fine-tuned on both tasks and evaluated by every protocol, then every merge of the
+    standard task vectors in addition and negation, all into one results.json (built once per module)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    save, results = root / "runs", root / "results.json"
+    metrics = {}
+    for mode in run_order():
         for task in TASKS.split(","):
-            m = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
-            assert m["steps"] == 2 * 6  # 90 train images (100 minus 10 val), batch 16, 2 epochs
+            metrics[mode, task] = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
         for script in (eval_single_task, eval_task_addition, eval_task_negation):
             script.main(common(data, save, "--finetuning-mode", mode, "--results-json", str(results)))
-    d = run_dir(save, "talos", "SynthShapes")
+    for merge in MERGES.names():
+        eval_task_addition.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
+                                       "--results-json", str(results)))
+        if merge != "sum":  # sum's negation row is the standard negation above
+            eval_task_negation.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
+                                           "--results-json", str(results)))
+    return SimpleNamespace(save=save, metrics=metrics, results=json.loads(results.read_text()))
+
+
+def test_run_order_holds_every_training_mode_in_dependency_order():
+    modes = run_order()
+    assert set(modes) == {n for n in MODES.names() if MODES.get(n).trains}  # (imported: vision/import_checkpoints.py)
+    assert modes.index("standard") < modes.index("lota")  # LoTA reads the standard task vector
+
+
+def test_every_mode_trains_every_task_for_the_expected_steps(pipeline):
+    assert set(pipeline.metrics) == {(m, t) for m in run_order() for t in TASKS.split(",")}
+    for key, m in pipeline.metrics.items():
+        assert m["steps"] == 2 * 6, key  # 90 train images (100 minus 10 val), batch 16, 2 epochs
+
+
+def test_finetune_writes_its_artifacts_and_config(pipeline):
+    d = run_dir(pipeline.save, "talos", "SynthShapes")
     for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
               "task_vector.safetensors", "metrics.json"):
         assert (d / f).exists(), f
-    assert not (d / "checkpoint.pt").exists()
+    assert not (d / "checkpoint.pt").exists()  # removed once the run completed
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["args"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
-    for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
-        eval_task_addition.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
-                                       "--results-json", str(results)))
-        if merge != "sum":
-            eval_task_negation.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
-                                           "--results-json", str(results)))
-    res = json.loads(results.read_text())
-    for mode in modes:
+
+
+def test_results_json_has_a_row_per_mode_and_per_merge(pipeline):
+    res = pipeline.results
+    for mode in run_order():
         assert set(res["single_task"][mode]) == set(TASKS.split(","))
         assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
         assert set(res["negation"][mode]) == {"target", "control", "coef"}
+    assert set(res["single_task"]["zeroshot"]) == set(TASKS.split(","))
     assert set(res["merges"]) == set(MERGES.names())
-    assert set(res["negation_merges"]) == set(MERGES.names())  # sum: the standard negation row
+    assert set(res["negation_merges"]) == set(MERGES.names())
+
+
+def test_sum_merge_rows_are_the_standard_protocol_rows(pipeline):
+    res = pipeline.results
     assert res["negation_merges"]["sum"] == res["negation"]["standard"]
     assert res["merges"]["sum"] == res["addition"]["standard"]
-    assert res["task_vector_density"]["standard"]["SynthShapes"] == 1.0
-    assert res["task_vector_density"]["talos"]["SynthShapes"] < 0.5
-    assert res["task_vector_density"]["posthoc"] == res["task_vector_density"]["standard"]
-    posthoc = MODES.get("posthoc")  # standard's vectors, evaluated through the linearized model
-    assert posthoc.source_mode == "standard" and posthoc.eval_linearized and not MODES.get("standard").eval_linearized
-    for mode in ("lota", "random_mask", "magnitude_mask"):  # same density as TaLoS, different masks
-        assert res["task_vector_density"][mode]["SynthShapes"] < 0.5
-    lora = TaskVector.load(run_dir(save, "lora", "SynthShapes") / "task_vector.safetensors")
-    assert all(k.endswith("attn.in_proj_weight") for k in lora.keys())
-    E = 64  # q and v rows move, k rows do not
+
+
+def test_task_vector_density_per_mode(pipeline):
+    density = pipeline.results["task_vector_density"]
+    assert density["standard"]["SynthShapes"] == 1.0
+    assert density["posthoc"] == density["standard"]  # posthoc evaluates the standard task vectors
+    for mode in ("talos", "lota", "random_mask", "magnitude_mask"):  # 90% sparse masks, different choices
+        assert density[mode]["SynthShapes"] < 0.5, mode
+
+
+def test_posthoc_evaluates_the_standard_vectors_through_the_linearized_model(pipeline, data, tmp_path, monkeypatch):
+    import shutil
+
+    from talos.linearize import LinearizedModel
+
+    model_dir = Path("vision") / "talos-tiny-vit"
+    shutil.copytree(pipeline.save / model_dir / "standard", tmp_path / model_dir / "standard")  # no eval results
+    calls = []
+    real = LinearizedModel.forward
+    monkeypatch.setattr(LinearizedModel, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    got = {}
+    for mode in ("standard", "posthoc"):
+        calls.clear()
+        got[mode] = eval_single_task.main(common(data, tmp_path, "--finetuning-mode", mode))
+        assert bool(calls) == (mode == "posthoc"), mode  # only posthoc runs through the Taylor expansion
+        assert got[mode]["test"]["finetuned"] == pipeline.results["single_task"][mode]  # as in the full sweep
+    for split in ("val", "test"):  # at θ0 the linearized model is the model itself
+        assert got["posthoc"][split]["zeroshot"] == got["standard"][split]["zeroshot"]
+
+
+def test_lora_moves_only_the_query_and_value_rows(pipeline):
+    lora = TaskVector.load(run_dir(pipeline.save, "lora", "SynthShapes") / "task_vector.safetensors")
+    assert len(lora.keys()) == 2 and all(k.endswith("attn.in_proj_weight") for k in lora.keys())  # 2 blocks
+    E = 64  # in_proj rows: q, k, v of width 64
     for k in lora.keys():
         assert lora[k][:E].abs().sum() > 0 and lora[k][2 * E:].abs().sum() > 0
         assert not lora[k][E:2 * E].any()
-    # stages skip when their artifacts exist
+
+
+def test_finetune_skips_when_its_task_vector_exists(pipeline, data):
+    d = run_dir(pipeline.save, "talos", "SynthShapes")
     before = (d / "task_vector.safetensors").stat().st_mtime_ns
-    finetune.main(common(data, save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes"))
+    again = finetune.main(common(data, pipeline.save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes"))
+    assert again == json.loads((d / "metrics.json").read_text())
     assert (d / "task_vector.safetensors").stat().st_mtime_ns == before
 
 
