@@ -14,6 +14,7 @@ from nlp import eval_single_task, eval_task_addition, eval_task_negation, finetu
 from talos.io import load_tensors
 from talos.merges import MERGES
 from talos.task_vector import TaskVector
+from tests.helpers import assert_one_copy_of_the_run, join_env, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = "synth_qa,synth_para"
@@ -169,9 +170,7 @@ def test_scripts_run_from_the_repository_root(synth, tmp_path):
 
 
 def _nlp_worker(rank, world, port, synth, save, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_env(rank, world, port)
     args = common(synth, save, "--finetuning-mode", "talos", "--eval-datasets", "synth_qa")
     finetune.main(args + ["--train-dataset", "synth_qa"])
     eval_single_task.main(args + ["--results-json", str(results)])
@@ -181,21 +180,11 @@ def _nlp_worker(rank, world, port, synth, save, results):
 @pytest.mark.distributed
 def test_distributed_finetune_and_eval_write_one_copy(synth, tmp_path):
     import shutil
-    import socket
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     save, results = tmp_path / "runs", tmp_path / "results.json"
-    synth = (str(synth[0]), str(synth[1]))
-    mp.start_processes(_nlp_worker, args=(2, port, synth, save, results), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_nlp_worker, (str(synth[0]), str(synth[1])), save, results)
     d = run_dir(save, "talos", "synth_qa")
-    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(  # (.lock: the run lock)
-        ["calibration.json", "config.json", "finetuned.safetensors", "manifest.json", "mask.safetensors",
-         "metrics.json", "task_vector.safetensors"])
-    assert json.loads((d / "config.json").read_text())["world_size"] == 2
+    assert_one_copy_of_the_run(d)
     sharded = json.loads(results.read_text())["single_task"]["talos"]
     # one process, same task vector: the same accuracy as two ranks each scoring half of the examples
     shutil.rmtree(save / "nlp" / "talos-tiny-t5" / "eval")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ from talos.io import load_tensors
 from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
+from tests.helpers import assert_one_copy_of_the_run, join_env, spawn_ranks
 from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
 
 TASKS = "SynthShapes,SynthColors"
@@ -268,9 +268,7 @@ def test_merge_flags_reach_the_merge(data, tmp_path):
 
 
 def _vision_worker(rank, world, port, data, save, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_env(rank, world, port)
     args = common(data, save, "--finetuning-mode", "talos", "--eval-datasets", "SynthShapes")
     finetune.main(args + ["--train-dataset", "SynthShapes"])
     eval_single_task.main(args + ["--results-json", str(results)])
@@ -279,21 +277,9 @@ def _vision_worker(rank, world, port, data, save, results):
 
 @pytest.mark.distributed
 def test_distributed_finetune_and_eval_write_one_copy(data, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     save, results = tmp_path / "runs", tmp_path / "results.json"
-    mp.start_processes(_vision_worker, args=(2, port, str(data), str(save), str(results)), nprocs=2, join=True,
-                       start_method="spawn")
-    d = run_dir(save, "talos", "SynthShapes")
-    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(  # (.lock: the run lock)
-        ["calibration.json", "config.json", "finetuned.safetensors", "manifest.json", "mask.safetensors",
-         "metrics.json", "task_vector.safetensors"])
-    assert json.loads((d / "config.json").read_text())["world_size"] == 2
+    spawn_ranks(_vision_worker, str(data), str(save), str(results))
+    assert_one_copy_of_the_run(run_dir(save, "talos", "SynthShapes"))
     sharded = json.loads(results.read_text())["single_task"]
     # the same task vector evaluated by one process gives the same accuracies as two sharded ranks
     import shutil
