@@ -38,3 +38,31 @@ def assert_one_copy_of_the_run(run_dir: Path, world: int = 2) -> None:
     """A fine-tuning run written by ``world`` ranks holds each artifact once (rank 0 writes) and says so."""
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == RUN_FILES  # (.lock)
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == world
+
+
+class AnalysisRuns:
+    """standard + talos fine-tuning runs of ``tasks`` (gradient drift every 2 steps) in ``save``, talos'
+    single-task and addition results, and :meth:`figure` to draw one figure over them with ``domain``/analyze.py.
+
+    ``argv(save, *extra)`` gives the domain's flags for a run folder ``save``."""
+
+    def __init__(self, domain: str, model: str, argv: Callable[..., list[str]], save: Path, tasks: list[str]) -> None:
+        import importlib
+
+        script = lambda name: importlib.import_module(f"{domain}.{name}")  # noqa: E731
+        self.analyze, self.argv, self.save = script("analyze"), argv, save
+        self.eval_dir = save / domain / model / "eval"
+        for mode in ("standard", "talos"):
+            for task in tasks:
+                script("finetune").main(argv(save, "--finetuning-mode", mode, "--train-dataset", task,
+                                             "--gradient-drift-every", "2"))
+        self.single = script("eval_single_task").main(argv(save, "--finetuning-mode", "talos"))
+        self.addition = script("eval_task_addition").main(argv(save, "--finetuning-mode", "talos"))
+
+    def figure(self, name: str, *extra: str) -> dict[str, Any]:
+        """Draw figure ``name``; checks the PNG has content and its results.json holds the returned numbers."""
+        numbers = self.analyze.main([name, *self.argv(self.save, *extra)])
+        (d,) = (self.eval_dir / f"figure_{name}").iterdir()
+        assert (d / f"{name}.png").stat().st_size > 5000
+        assert json.loads((d / "results.json").read_text()) == json.loads(json.dumps(numbers))
+        return numbers
