@@ -66,3 +66,34 @@ class AnalysisRuns:
         assert (d / f"{name}.png").stat().st_size > 5000
         assert json.loads((d / "results.json").read_text()) == json.loads(json.dumps(numbers))
         return numbers
+
+
+def _finetune_then_evaluate(rank: int, world: int, port: int, domain: str, argv: list[str], task: str,
+                            results: str) -> None:
+    """One rank: fine-tune ``task`` then evaluate it single-task into ``results`` (a torchrun worker)."""
+    import importlib
+
+    join_env(rank, world, port)
+    importlib.import_module(f"{domain}.finetune").main(argv + ["--train-dataset", task])
+    importlib.import_module(f"{domain}.eval_single_task").main(argv + ["--results-json", results])
+    torch.distributed.destroy_process_group()
+
+
+def distributed_run_matches_one_process(domain: str, model: str, argv: Callable[..., list[str]], task: str,
+                                        save: Path) -> Path:
+    """Fine-tune and evaluate ``task`` (talos) on 2 ranks: the run folder holds one copy of each artifact, and a
+    fresh one-process evaluation of the same task vector gives the accuracy the sharded ranks summed. Returns
+    the run folder. ``argv(save, *extra)`` gives the domain's flags."""
+    import importlib
+    import shutil
+
+    results = save.parent / "results.json"
+    args = argv(save, "--finetuning-mode", "talos", "--eval-datasets", task)
+    spawn_ranks(_finetune_then_evaluate, domain, args, task, str(results))
+    (d,) = list((save / domain / model / "talos" / task).iterdir())
+    assert_one_copy_of_the_run(d)
+    sharded = json.loads(results.read_text())["single_task"]["talos"]
+    shutil.rmtree(save / domain / model / "eval")  # force a fresh single-process evaluation
+    single = importlib.import_module(f"{domain}.eval_single_task").main(args)
+    assert single["test"]["finetuned"] == sharded and set(sharded) == {task}
+    return d

@@ -12,7 +12,7 @@ from talos.io import load_tensors
 from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
-from tests.helpers import assert_one_copy_of_the_run, join_env, spawn_ranks
+from tests.helpers import distributed_run_matches_one_process
 from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
 
 TASKS = "SynthShapes,SynthColors"
@@ -267,27 +267,10 @@ def test_merge_flags_reach_the_merge(data, tmp_path):
     assert merge_kwargs_from_args(paper, "dare") == {"variant": "paper", **MERGE_HPARAMS["dare"]}
 
 
-def _vision_worker(rank, world, port, data, save, results):
-    join_env(rank, world, port)
-    args = common(data, save, "--finetuning-mode", "talos", "--eval-datasets", "SynthShapes")
-    finetune.main(args + ["--train-dataset", "SynthShapes"])
-    eval_single_task.main(args + ["--results-json", str(results)])
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_distributed_finetune_and_eval_write_one_copy(data, tmp_path):
-    save, results = tmp_path / "runs", tmp_path / "results.json"
-    spawn_ranks(_vision_worker, str(data), str(save), str(results))
-    assert_one_copy_of_the_run(run_dir(save, "talos", "SynthShapes"))
-    sharded = json.loads(results.read_text())["single_task"]
-    # the same task vector evaluated by one process gives the same accuracies as two sharded ranks
-    import shutil
-
-    shutil.rmtree(save / "vision" / "talos-tiny-vit" / "eval")  # force a fresh single-process evaluation
-    single = eval_single_task.main(common(data, tmp_path / "runs", "--finetuning-mode", "talos",
-                                          "--eval-datasets", "SynthShapes"))
-    assert single["test"]["finetuned"]["SynthShapes"] == sharded["talos"]["SynthShapes"]
+    distributed_run_matches_one_process("vision", "talos-tiny-vit", lambda save, *extra: common(data, save, *extra),
+                                        "SynthShapes", tmp_path / "runs")
 
 
 def test_grad_checkpointing_flag():
