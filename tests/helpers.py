@@ -97,3 +97,26 @@ def distributed_run_matches_one_process(domain: str, model: str, argv: Callable[
     single = importlib.import_module(f"{domain}.eval_single_task").main(args)
     assert single["test"]["finetuned"] == sharded and set(sharded) == {task}
     return d
+
+
+def assert_resume_matches_uninterrupted(domain: str, model: str, argv: Callable[..., list[str]], task: str,
+                                        stop_after: int, root: Path) -> None:
+    """Fine-tuning ``task`` (talos) stopped after ``stop_after`` steps leaves a checkpoint and no task vector;
+    resumed, it ends with the task vector of an uninterrupted run, bit for bit. ``argv(save, *extra)``."""
+    import importlib
+
+    from talos.task_vector import TaskVector
+
+    finetune = importlib.import_module(f"{domain}.finetune")
+    run = lambda save: next((save / domain / model / "talos" / task).iterdir())  # noqa: E731  (one run folder)
+    finetune.main(argv(root / "a"))
+    part = finetune.main(argv(root / "b", "--stop-after", str(stop_after)))
+    assert part["interrupted"] and part["steps"] == stop_after
+    d = run(root / "b")
+    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
+    finetune.main(argv(root / "b"))
+    a = TaskVector.load(run(root / "a") / "task_vector.safetensors")
+    b = TaskVector.load(d / "task_vector.safetensors")
+    assert a.keys() and set(a.keys()) == set(b.keys())
+    for n in a.keys():
+        assert torch.equal(a[n], b[n]), n

@@ -14,7 +14,7 @@ from nlp import eval_single_task, eval_task_addition, eval_task_negation, finetu
 from talos.io import load_tensors
 from talos.merges import MERGES
 from talos.task_vector import TaskVector
-from tests.helpers import distributed_run_matches_one_process
+from tests.helpers import assert_resume_matches_uninterrupted, distributed_run_matches_one_process
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = "synth_qa,synth_para"
@@ -94,17 +94,8 @@ def test_talos_task_vector_is_sparse_where_the_mask_allows(synth, tmp_path):
 def test_resume_gives_the_uninterrupted_task_vector(synth, tmp_path):
     args = ["--finetuning-mode", "talos", "--train-dataset", "synth_para", "--num-steps", "6",
             "--checkpoint-every", "2"]
-    finetune.main(common(synth, tmp_path / "a", *args))
-    part = finetune.main(common(synth, tmp_path / "b", *args, "--stop-after", "3"))
-    assert part["interrupted"] and part["steps"] == 3
-    d = run_dir(tmp_path / "b", "talos", "synth_para")
-    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
-    finetune.main(common(synth, tmp_path / "b", *args))
-    a = TaskVector.load(run_dir(tmp_path / "a", "talos", "synth_para") / "task_vector.safetensors")
-    b = TaskVector.load(d / "task_vector.safetensors")
-    assert set(a.keys()) == set(b.keys())
-    for n in a.keys():
-        assert torch.equal(a[n], b[n]), n
+    assert_resume_matches_uninterrupted("nlp", "talos-tiny-t5", lambda save, *extra: common(synth, save, *args, *extra),
+                                        "synth_para", 3, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["linear", "lora"])

@@ -12,7 +12,7 @@ from talos.io import load_tensors
 from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
-from tests.helpers import distributed_run_matches_one_process
+from tests.helpers import assert_resume_matches_uninterrupted, distributed_run_matches_one_process
 from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
 
 TASKS = "SynthShapes,SynthColors"
@@ -153,15 +153,8 @@ def test_talos_task_vector_is_as_sparse_as_the_mask(data, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
     args = ["--finetuning-mode", "talos", "--train-dataset", "SynthShapes", "--eval-datasets", "SynthShapes"]
-    finetune.main(common(data, tmp_path / "a", *args))
-    out = finetune.main(common(data, tmp_path / "b", *args, "--stop-after", "4"))
-    assert out["interrupted"] and out["steps"] == 4
-    d = run_dir(tmp_path / "b", "talos", "SynthShapes")
-    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
-    finetune.main(common(data, tmp_path / "b", *args))
-    a = TaskVector.load(run_dir(tmp_path / "a", "talos", "SynthShapes") / "task_vector.safetensors")
-    b = TaskVector.load(d / "task_vector.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+    argv = lambda save, *extra: common(data, save, *args, *extra)  # noqa: E731
+    assert_resume_matches_uninterrupted("vision", "talos-tiny-vit", argv, "SynthShapes", 4, tmp_path)
 
 
 def test_wandb_offline(data, tmp_path, monkeypatch):
