@@ -62,11 +62,23 @@ def test_defaults_and_csv():
     (["--control-threshold", "0"], "--control-threshold"),
     (["--stop-after", "0"], "--stop-after"),
     (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--wd", "nan"], "--wd must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--lora-alpha", "inf"], "--lora-alpha must be a finite number"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 1, got -5"),
+    (["--ties-k", "5"], "--ties-k 5"),
+    (["--dare-p", "1.5"], "--dare-p 1.5"),
+    (["--tall-masks-lam", "-1"], "tall-masks"),
 ])
-def test_bad_values_exit_with_the_reason(argv, message, capsys):
+def test_bad_values_exit_with_the_reason_before_writing(argv, message, capsys, tmp_path):
+    save = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:
-        _parse(*argv)
+        _parse(*argv, "--save", str(save), "--device", "cpu")
     assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not save.exists()
 
 
 def test_train_dataset_required_only_for_finetuning(capsys):
