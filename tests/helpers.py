@@ -120,3 +120,45 @@ def assert_resume_matches_uninterrupted(domain: str, model: str, argv: Callable[
     assert a.keys() and set(a.keys()) == set(b.keys())
     for n in a.keys():
         assert torch.equal(a[n], b[n]), n
+
+
+def sweep(domain: str, argv: Callable[..., list[str]], modes: list[str], tasks: list[str], save: Path,
+          results: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every mode fine-tuned on every task and evaluated by the three protocols, then every merge of the standard
+    task vectors in addition and negation, all exported to ``results``; returns the fine-tuning metrics by
+    (mode, task). ``argv(save, *extra)`` gives the domain's flags."""
+    import importlib
+
+    from talos.merges import MERGES
+
+    script = lambda name: importlib.import_module(f"{domain}.{name}")  # noqa: E731
+    protocols = [script(n) for n in ("eval_single_task", "eval_task_addition", "eval_task_negation")]
+    export = ["--results-json", str(results)]
+    metrics = {}
+    for mode in modes:
+        for task in tasks:
+            flags = argv(save, "--finetuning-mode", mode, "--train-dataset", task)
+            metrics[mode, task] = script("finetune").main(flags)
+        for protocol in protocols:
+            protocol.main(argv(save, "--finetuning-mode", mode, *export))
+    for merge in MERGES.names():
+        protocols[1].main(argv(save, "--finetuning-mode", "standard", "--merge", merge, *export))
+        if merge != "sum":  # sum's negation row is the standard negation above
+            protocols[2].main(argv(save, "--finetuning-mode", "standard", "--merge", merge, *export))
+    return metrics
+
+
+def assert_results_hold_every_mode_and_merge(res: dict[str, Any], modes: list[str], tasks: list[str]) -> None:
+    """results.json of :func:`sweep`: a row per mode in each protocol, per merge in addition and negation, and
+    the sum merge's rows are the standard mode's protocol rows."""
+    from talos.merges import MERGES
+
+    for mode in modes:
+        assert set(res["single_task"][mode]) == set(tasks), mode
+        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}, mode
+        assert set(res["negation"][mode]) == {"target", "control", "coef"}, mode
+    assert set(res["single_task"]["zeroshot"]) == set(tasks)
+    assert set(res["merges"]) == set(MERGES.names())
+    assert set(res["negation_merges"]) == set(MERGES.names())
+    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
+    assert res["merges"]["sum"] == res["addition"]["standard"]

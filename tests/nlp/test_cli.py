@@ -6,18 +6,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nlp import eval_single_task, eval_task_addition, eval_task_negation, finetune
+from nlp import eval_single_task, eval_task_addition, finetune
 from talos.io import load_tensors
-from talos.merges import MERGES
 from talos.task_vector import TaskVector
-from tests.helpers import assert_resume_matches_uninterrupted, distributed_run_matches_one_process
+from tests.helpers import (assert_results_hold_every_mode_and_merge, assert_resume_matches_uninterrupted,
+                           distributed_run_matches_one_process, sweep)
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = "synth_qa,synth_para"
+MODES = ["standard", "talos"]  # the end-to-end sweep (the other modes: test_other_modes_run_on_language_models)
 
 
 def common(synth, save, *extra, model="talos-tiny-t5"):
@@ -35,46 +37,49 @@ def run_dir(save, mode, task, model="talos-tiny-t5"):
     return d
 
 
-def test_pipeline_end_to_end(synth, tmp_path):
-    save, results = tmp_path / "runs", tmp_path / "results.json"
-    for mode in ("standard", "talos"):
-        for task in TASKS.split(","):
-            m = finetune.main(common(synth, save, "--finetuning-mode", mode, "--train-dataset", task))
-            assert m["steps"] == 4 and m["interrupted"] is False
-        for script in (eval_single_task, eval_task_addition, eval_task_negation):
-            script.main(common(synth, save, "--finetuning-mode", mode, "--results-json", str(results)))
-    d = run_dir(save, "talos", "synth_qa")
+@pytest.fixture(scope="module")
+def pipeline(synth, tmp_path_factory):
+    """standard and talos fine-tuned on both tasks and evaluated by every protocol, then every merge of the
+    standard task vectors in addition and negation, all into one results.json (built once per module)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    save, results = root / "runs", root / "results.json"
+    metrics = sweep("nlp", lambda s, *extra: common(synth, s, *extra), MODES, TASKS.split(","), save, results)
+    return SimpleNamespace(save=save, metrics=metrics, results=json.loads(results.read_text()))
+
+
+def test_every_mode_trains_every_task_for_the_asked_steps(pipeline):
+    assert set(pipeline.metrics) == {(m, t) for m in MODES for t in TASKS.split(",")}
+    for key, m in pipeline.metrics.items():
+        assert m["steps"] == 4 and m["interrupted"] is False, key
+
+
+def test_finetune_writes_its_artifacts_and_config(pipeline):
+    d = run_dir(pipeline.save, "talos", "synth_qa")
     for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
               "task_vector.safetensors", "metrics.json"):
         assert (d / f).exists(), f
-    assert not (d / "checkpoint.pt").exists()
+    assert not (d / "checkpoint.pt").exists()  # removed once the run completed
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["args"]["fisher_target"] == "logit" and cfg["hparams"]["accumulation"] == 2
     assert cfg["versions"]["transformers"] and "git_commit" in cfg
-    for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
-        eval_task_addition.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
-                                       "--results-json", str(results)))
-        if merge != "sum":
-            eval_task_negation.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
-                                           "--results-json", str(results)))
-    res = json.loads(results.read_text())
-    for mode in ("standard", "talos"):
-        assert set(res["single_task"][mode]) == set(TASKS.split(","))
-        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
-        assert set(res["negation"][mode]) == {"target", "control", "coef"}
-    assert set(res["single_task"]["zeroshot"]) == set(TASKS.split(","))
-    assert set(res["merges"]) == set(MERGES.names())
-    assert set(res["negation_merges"]) == set(MERGES.names())  # sum: the standard negation row
-    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
-    assert res["merges"]["sum"] == res["addition"]["standard"]
-    assert res["task_vector_density"]["talos"]["synth_qa"] == pytest.approx(0.1, abs=0.01)
-    # stages skip when their artifacts exist
+
+
+def test_results_json_has_a_row_per_mode_and_per_merge(pipeline):
+    assert_results_hold_every_mode_and_merge(pipeline.results, MODES, TASKS.split(","))
+
+
+def test_talos_task_vector_density_is_the_mask_density(pipeline):
+    assert pipeline.results["task_vector_density"]["talos"]["synth_qa"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_stages_skip_when_their_results_exist(pipeline, synth):
+    d = run_dir(pipeline.save, "talos", "synth_qa")
     stamp = (d / "task_vector.safetensors").stat().st_mtime_ns
-    again = finetune.main(common(synth, save, "--finetuning-mode", "talos", "--train-dataset", "synth_qa"))
+    again = finetune.main(common(synth, pipeline.save, "--finetuning-mode", "talos", "--train-dataset", "synth_qa"))
     assert again == json.loads((d / "metrics.json").read_text())
     assert (d / "task_vector.safetensors").stat().st_mtime_ns == stamp
-    single = eval_single_task.main(common(synth, save, "--finetuning-mode", "talos"))
-    assert single["test"]["finetuned"] == res["single_task"]["talos"]
+    single = eval_single_task.main(common(synth, pipeline.save, "--finetuning-mode", "talos"))
+    assert single["test"]["finetuned"] == pipeline.results["single_task"]["talos"]
 
 
 def test_talos_task_vector_is_sparse_where_the_mask_allows(synth, tmp_path):

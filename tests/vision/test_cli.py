@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from talos.io import load_tensors
-from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
-from tests.helpers import assert_resume_matches_uninterrupted, distributed_run_matches_one_process
-from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
+from tests.helpers import (assert_results_hold_every_mode_and_merge, assert_resume_matches_uninterrupted,
+                           distributed_run_matches_one_process, sweep)
+from vision import eval_single_task, eval_task_addition, finetune
 
 TASKS = "SynthShapes,SynthColors"
 
@@ -36,18 +36,7 @@ def pipeline(data, tmp_path_factory):
     standard task vectors in addition and negation, all into one results.json (built once per module)."""
     root = tmp_path_factory.mktemp("pipeline")
     save, results = root / "runs", root / "results.json"
-    metrics = {}
-    for mode in run_order():
-        for task in TASKS.split(","):
-            metrics[mode, task] = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
-        for script in (eval_single_task, eval_task_addition, eval_task_negation):
-            script.main(common(data, save, "--finetuning-mode", mode, "--results-json", str(results)))
-    for merge in MERGES.names():
-        eval_task_addition.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
-                                       "--results-json", str(results)))
-        if merge != "sum":  # sum's negation row is the standard negation above
-            eval_task_negation.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
-                                           "--results-json", str(results)))
+    metrics = sweep("vision", lambda s, *extra: common(data, s, *extra), run_order(), TASKS.split(","), save, results)
     return SimpleNamespace(save=save, metrics=metrics, results=json.loads(results.read_text()))
 
 
@@ -74,20 +63,7 @@ def test_finetune_writes_its_artifacts_and_config(pipeline):
 
 
 def test_results_json_has_a_row_per_mode_and_per_merge(pipeline):
-    res = pipeline.results
-    for mode in run_order():
-        assert set(res["single_task"][mode]) == set(TASKS.split(","))
-        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
-        assert set(res["negation"][mode]) == {"target", "control", "coef"}
-    assert set(res["single_task"]["zeroshot"]) == set(TASKS.split(","))
-    assert set(res["merges"]) == set(MERGES.names())
-    assert set(res["negation_merges"]) == set(MERGES.names())
-
-
-def test_sum_merge_rows_are_the_standard_protocol_rows(pipeline):
-    res = pipeline.results
-    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
-    assert res["merges"]["sum"] == res["addition"]["standard"]
+    assert_results_hold_every_mode_and_merge(pipeline.results, run_order(), TASKS.split(","))
 
 
 def test_task_vector_density_per_mode(pipeline):
