@@ -122,15 +122,17 @@ def assert_resume_matches_uninterrupted(domain: str, model: str, argv: Callable[
         assert torch.equal(a[n], b[n]), n
 
 
-def sweep(domain: str, argv: Callable[..., list[str]], modes: list[str], tasks: list[str], save: Path,
-          results: Path) -> dict[tuple[str, str], dict[str, Any]]:
+def sweep(domain: str, argv: Callable[..., list[str]], modes: list[str], tasks: list[str], root: Path) -> Any:
     """Every mode fine-tuned on every task and evaluated by the three protocols, then every merge of the standard
-    task vectors in addition and negation, all exported to ``results``; returns the fine-tuning metrics by
-    (mode, task). ``argv(save, *extra)`` gives the domain's flags."""
+    task vectors in addition and negation, all exported to one results.json. Returns ``.save`` (the run folder),
+    ``.metrics`` (fine-tuning metrics by (mode, task)) and ``.results`` (results.json). ``argv(save, *extra)``
+    gives the domain's flags."""
     import importlib
+    from types import SimpleNamespace
 
     from talos.merges import MERGES
 
+    save, results = root / "runs", root / "results.json"
     script = lambda name: importlib.import_module(f"{domain}.{name}")  # noqa: E731
     protocols = [script(n) for n in ("eval_single_task", "eval_task_addition", "eval_task_negation")]
     export = ["--results-json", str(results)]
@@ -145,7 +147,25 @@ def sweep(domain: str, argv: Callable[..., list[str]], modes: list[str], tasks: 
         protocols[1].main(argv(save, "--finetuning-mode", "standard", "--merge", merge, *export))
         if merge != "sum":  # sum's negation row is the standard negation above
             protocols[2].main(argv(save, "--finetuning-mode", "standard", "--merge", merge, *export))
-    return metrics
+    return SimpleNamespace(save=save, metrics=metrics, results=json.loads(results.read_text()))
+
+
+def finetune_artifacts_config(run_dir: Path) -> dict[str, Any]:
+    """Checks a completed sparse fine-tuning run holds its artifacts (and no checkpoint); returns its config.json."""
+    for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
+              "task_vector.safetensors", "metrics.json"):
+        assert (run_dir / f).exists(), f
+    assert not (run_dir / "checkpoint.pt").exists()  # removed once the run completed
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert "git_commit" in cfg and cfg["versions"]["torch"]
+    return cfg
+
+
+def assert_finetune_skips_when_done(finetune: Any, argv: list[str], run_dir: Path) -> None:
+    """``finetune.main(argv)`` on a completed run returns its metrics.json and rewrites nothing."""
+    stamp = (run_dir / "task_vector.safetensors").stat().st_mtime_ns
+    assert finetune.main(argv) == json.loads((run_dir / "metrics.json").read_text())
+    assert (run_dir / "task_vector.safetensors").stat().st_mtime_ns == stamp
 
 
 def assert_results_hold_every_mode_and_merge(res: dict[str, Any], modes: list[str], tasks: list[str]) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ import torch
 from talos.io import load_tensors
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
-from tests.helpers import (assert_results_hold_every_mode_and_merge, assert_resume_matches_uninterrupted,
-                           distributed_run_matches_one_process, sweep)
+from tests.helpers import (assert_finetune_skips_when_done, assert_results_hold_every_mode_and_merge,
+                           assert_resume_matches_uninterrupted, distributed_run_matches_one_process,
+                           finetune_artifacts_config, sweep)
 from vision import eval_single_task, eval_task_addition, finetune
 
 TASKS = "SynthShapes,SynthColors"
@@ -34,10 +34,8 @@ def run_dir(save, mode, task):
 def pipeline(data, tmp_path_factory):
     """Every training mode fine-tuned on both tasks and evaluated by every protocol, then every merge of the
     standard task vectors in addition and negation, all into one results.json (built once per module)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    save, results = root / "runs", root / "results.json"
-    metrics = sweep("vision", lambda s, *extra: common(data, s, *extra), run_order(), TASKS.split(","), save, results)
-    return SimpleNamespace(save=save, metrics=metrics, results=json.loads(results.read_text()))
+    argv = lambda save, *extra: common(data, save, *extra)  # noqa: E731
+    return sweep("vision", argv, run_order(), TASKS.split(","), tmp_path_factory.mktemp("pipeline"))
 
 
 def test_run_order_holds_every_training_mode_in_dependency_order():
@@ -53,13 +51,8 @@ def test_every_mode_trains_every_task_for_the_expected_steps(pipeline):
 
 
 def test_finetune_writes_its_artifacts_and_config(pipeline):
-    d = run_dir(pipeline.save, "talos", "SynthShapes")
-    for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
-              "task_vector.safetensors", "metrics.json"):
-        assert (d / f).exists(), f
-    assert not (d / "checkpoint.pt").exists()  # removed once the run completed
-    cfg = json.loads((d / "config.json").read_text())
-    assert cfg["args"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
+    cfg = finetune_artifacts_config(run_dir(pipeline.save, "talos", "SynthShapes"))
+    assert cfg["args"]["sparsity"] == 0.9
 
 
 def test_results_json_has_a_row_per_mode_and_per_merge(pipeline):
@@ -104,11 +97,8 @@ def test_lora_moves_only_the_query_and_value_rows(pipeline):
 
 
 def test_finetune_skips_when_its_task_vector_exists(pipeline, data):
-    d = run_dir(pipeline.save, "talos", "SynthShapes")
-    before = (d / "task_vector.safetensors").stat().st_mtime_ns
-    again = finetune.main(common(data, pipeline.save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes"))
-    assert again == json.loads((d / "metrics.json").read_text())
-    assert (d / "task_vector.safetensors").stat().st_mtime_ns == before
+    argv = common(data, pipeline.save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes")
+    assert_finetune_skips_when_done(finetune, argv, run_dir(pipeline.save, "talos", "SynthShapes"))
 
 
 def test_talos_task_vector_is_as_sparse_as_the_mask(data, tmp_path):
