@@ -130,8 +130,8 @@ class VisionSetup:
     def predictions(self, model: torch.nn.Module, task: str, split: str) -> Tensor:
         """Predicted classes [N] of ``model`` on the whole split (every example, in dataset order)."""
         self.use_task(task)
-        return all_predictions(model, self.loader(self.eval_data(task, split), self.args.eval_batch_size), self.scores,
-                           device=self.device, precision=self.args.precision)
+        batches = self.loader(self.eval_data(task, split), self.args.eval_batch_size)
+        return all_predictions(model, batches, self.scores, device=self.device, precision=self.args.precision)
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Current values of every tensor a fine-tuning run may change (eligible + dense), on CPU."""

@@ -7,6 +7,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 from talos import distributed as dist
+from talos.cli import RunPaths
 from talos.evaluation import Evaluate
 from talos.modes import get_mode
 from talos.pipeline import evaluate_from_args
@@ -15,7 +16,7 @@ __all__ = ["evaluation_main"]
 
 
 def evaluation_main(protocol: str, argv: Sequence[str] | None, *, description: str | None,
-                    parse_args: Callable[..., argparse.Namespace], runs: Any,
+                    parse_args: Callable[..., argparse.Namespace], runs: RunPaths,
                     check_data: Callable[[argparse.Namespace, list[str]], None],
                     setup: Callable[[argparse.Namespace], Any],
                     make_evaluator: Callable[[Any, bool], Evaluate]) -> dict[str, Any]:
