@@ -22,11 +22,8 @@ import torch
 from talos import distributed as dist
 from talos.app.flags import Config
 from talos.analysis.figures import AnalysisDomain, LoadedModel, main as analysis_main
-from talos.stages import EditEvaluator
-
 from nlp.args import DOMAIN as SETTINGS
-from nlp.common import DOMAIN, RUNS, Batches, NLPSetup, data_kwargs
-from nlp.datasets import check_tasks
+from nlp.common import DOMAIN, RUNS, Batches, NLPSetup, check_eval_data, make_evaluator
 from nlp.scoring import choice_log_likelihoods
 
 
@@ -50,25 +47,13 @@ class SubsetSetup(NLPSetup):
 def load(args: Config) -> LoadedModel:
     """The language model of ``args`` and the figures' hooks on it (evaluation as in nlp/evaluate.py)."""
     setup = SubsetSetup(args)
-
-    @torch.no_grad()
-    def predictions(model: torch.nn.Module, task: str, split: str) -> torch.Tensor:
-        autocast = torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-        preds = []
-        for batch in setup.eval_batches(task, split):
-            with autocast:
-                preds.append(choice_log_likelihoods(model, batch).argmax(-1).cpu())
-        return torch.cat(preds)
-
     return LoadedModel(model=setup.model, names=list(setup.eligible), eligible=list(setup.eligible),
-                       evaluator=lambda lin: EditEvaluator(setup.model, setup.eligible, setup.accuracy, linearized=lin),
-                       predictions=predictions, forward_fn=choice_log_likelihoods,
+                       evaluator=lambda lin: make_evaluator(setup, linearized=lin),
+                       predictions=setup.predictions, forward_fn=choice_log_likelihoods,
                        calibration_batches=lambda task: setup.batches(task, "val", args.calibration_batch_size))
 
 
-NLP = AnalysisDomain(name=DOMAIN, runs=RUNS, settings=SETTINGS,
-                     check_data=lambda args, tasks: check_tasks(tasks, splits=("val", "test"), **data_kwargs(args)),
-                     load=load)
+NLP = AnalysisDomain(name=DOMAIN, runs=RUNS, settings=SETTINGS, check_data=check_eval_data, load=load)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -9,11 +9,11 @@ from torch import nn
 
 from talos import distributed as dist
 from talos.app.flags import Config
-from talos.modes import get_mode
 from talos.stages import EditEvaluator
+from talos.predictions import count_accuracy, predictions as all_predictions
 
 from .args import RUNS
-from .datasets import get_examples
+from .datasets import check_tasks, get_examples
 from .models import decoder_start_id, eligible_parameters, load_model, load_tokenizer
 from .scoring import Example, RankCollator, choice_log_likelihoods
 
@@ -82,26 +82,26 @@ class NLPSetup:
             self._eval_batches[key] = list(Batches(exs, self.args.eval_batch_size, self.collate))
         return self._eval_batches[key]
 
-    @torch.no_grad()
     def accuracy(self, model: nn.Module, task: str, split: str) -> float:
         """Rank-classification accuracy of ``model`` (the LM or a wrapper of it) on a split.
 
         Under ``torchrun`` each rank scores every world_size-th example and the counts are summed.
         """
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
-        correct = total = 0
-        for batch in self.eval_batches(task, split):
-            with autocast:
-                pred = choice_log_likelihoods(model, batch).argmax(-1).cpu()
-            correct += int((pred == batch["labels"]).sum())
-            total += len(pred)
-        counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
-        dist.all_reduce_sum_([counts])
-        return float(counts[0]) / max(1.0, float(counts[1]))
+        return count_accuracy(model, self.eval_batches(task, split), choice_log_likelihoods,
+                              lambda batch: batch["labels"], device=self.device, precision=self.args.precision)
+
+    def predictions(self, model: nn.Module, task: str, split: str) -> torch.Tensor:
+        """Predicted answers [N] of ``model`` on this rank's evaluation batches of a split (prompt-length order)."""
+        return all_predictions(model, self.eval_batches(task, split), choice_log_likelihoods, device=self.device,
+                               precision=self.args.precision)
 
 
-def make_evaluator(args: Config) -> EditEvaluator:
-    """``evaluate(edit, task, split)`` for ``args``' mode (through the linearized model when it needs it)."""
-    setup = NLPSetup(args)
-    return EditEvaluator(setup.model, setup.eligible, setup.accuracy,
-                         linearized=get_mode(args.finetuning_mode).eval_linearized)
+def make_evaluator(setup: NLPSetup, linearized: bool = False) -> EditEvaluator:
+    """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split, over the model's eligible
+    parameters; with ``linearized`` through its first-order Taylor expansion around θ0."""
+    return EditEvaluator(setup.model, setup.eligible, setup.accuracy, linearized=linearized)
+
+
+def check_eval_data(args: Config, tasks: list[str]) -> None:
+    """Fail before any model loads when a task's validation or test examples cannot be read."""
+    check_tasks(tasks, splits=("val", "test"), **data_kwargs(args))

@@ -10,7 +10,6 @@ Accuracy is rank classification over each task's answer choices.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,23 +17,16 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (nlp/datasets.py would shadow HF `datasets`)
 
-from talos import distributed as dist
-from talos.app.jobs import evaluate
+from talos.app.evaluation_script import evaluation_main
 
 from nlp.args import parse_args
-from nlp.common import RUNS, data_kwargs, make_evaluator
-from nlp.datasets import check_tasks
+from nlp.common import RUNS, NLPSetup, check_eval_data, make_evaluator
 
 
 def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one protocol for ``--finetuning-mode`` over ``--eval-datasets``; returns its results."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv, description=__doc__)
-    args = args.replace(device=dist.init_from_env(args.device))  # torchrun: evaluation examples are sharded over ranks
-    return evaluate(
-        protocol, args, runs=RUNS,
-        check_data=lambda tasks: check_tasks(tasks, splits=("val", "test"), **data_kwargs(args)),
-        make_evaluator=lambda: make_evaluator(args))
+    return evaluation_main(protocol, argv, description=__doc__, parse_args=parse_args, runs=RUNS,
+                           check_data=check_eval_data, setup=NLPSetup, make_evaluator=make_evaluator)
 
 
 if __name__ == "__main__":

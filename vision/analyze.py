@@ -23,8 +23,7 @@ from talos.app.flags import Config
 from talos.analysis.figures import AnalysisDomain, LoadedModel, main as analysis_main
 
 from vision.args import DOMAIN as SETTINGS
-from vision.common import RUNS, DOMAIN, Evaluator, VisionSetup, logits_forward
-from vision.datasets import check_datasets
+from vision.common import RUNS, DOMAIN, VisionSetup, check_eval_data, logits_forward, make_evaluator
 
 
 class SubsetSetup(VisionSetup):
@@ -43,29 +42,17 @@ class SubsetSetup(VisionSetup):
 def load(args: Config) -> LoadedModel:
     """The CLIP classifier of ``args`` and the figures' hooks on it (evaluation as in vision/evaluate.py)."""
     setup = SubsetSetup(args)
-    dev = setup.device
-
-    @torch.no_grad()
-    def predictions(model: torch.nn.Module, task: str, split: str) -> torch.Tensor:
-        setup.use_task(task)  # the head is a buffer of the classifier: a linearized wrapper sees it too
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-        preds = []
-        for x, _ in setup.loader(setup.eval_data(task, split), args.eval_batch_size):
-            with autocast:
-                preds.append(model(x.to(dev, non_blocking=True)).argmax(-1).cpu())
-        return torch.cat(preds)
 
     def calibration_batches(task: str):
         setup.use_task(task)  # as vision/finetune.py: <Task>Val with the training preprocessing
         return setup.loader(setup.dataset(task, "val", train_transform=True), args.calibration_batch_size)
 
     return LoadedModel(model=setup.classifier, names=setup.eligible + setup.dense, eligible=list(setup.eligible),
-                       evaluator=lambda lin: Evaluator(setup, linearized=lin), predictions=predictions,
+                       evaluator=lambda lin: make_evaluator(setup, linearized=lin), predictions=setup.predictions,
                        forward_fn=logits_forward, calibration_batches=calibration_batches)
 
 
-VISION = AnalysisDomain(name=DOMAIN, runs=RUNS, settings=SETTINGS,
-                        check_data=lambda args, tasks: check_datasets(tasks, args.data_location), load=load)
+VISION = AnalysisDomain(name=DOMAIN, runs=RUNS, settings=SETTINGS, check_data=check_eval_data, load=load)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

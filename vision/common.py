@@ -12,9 +12,10 @@ from talos.io import check_artifact, load_tensors, record_artifact, save_tensors
 from talos.app.flags import Config
 from talos.paths import head_path
 from talos.stages import EditEvaluator
+from talos.predictions import count_accuracy, predictions as all_predictions
 
 from .args import RUNS
-from .datasets import DATASETS, base_name, get_dataset
+from .datasets import DATASETS, base_name, check_datasets, get_dataset
 from .models import ImageClassifier, head_key, load_clip, split_parameters, zeroshot_head
 
 logger = logging.getLogger("talos")
@@ -105,6 +106,31 @@ class VisionSetup:
                                            num_workers=0 if in_memory else self.args.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
+    def eval_batches(self, task: str, split: str) -> torch.utils.data.DataLoader:
+        """This rank's (images, labels) evaluation batches of a split: every world_size-th example under
+        ``torchrun``, the whole split otherwise."""
+        ds = self.eval_data(task, split)
+        if dist.is_distributed():
+            ds = torch.utils.data.Subset(ds, dist.shard(range(len(ds))))
+        return self.loader(ds, self.args.eval_batch_size)
+
+    def scores(self, model: torch.nn.Module, batch: Any) -> Tensor:
+        """Class logits [B, C] of an (images, labels) batch."""
+        return model(batch[0].to(self.device, non_blocking=True))
+
+    def accuracy(self, model: torch.nn.Module, task: str, split: str) -> float:
+        """Accuracy of ``model`` (the classifier or its linearized wrapper) on a split, counts summed over ranks.
+        The task's zero-shot head is a buffer of the classifier: installing it reaches a wrapper too."""
+        self.use_task(task)
+        return count_accuracy(model, self.eval_batches(task, split), self.scores, lambda batch: batch[1],
+                              device=self.device, precision=self.args.precision)
+
+    def predictions(self, model: torch.nn.Module, task: str, split: str) -> Tensor:
+        """Predicted classes [N] of ``model`` on the whole split (every example, in dataset order)."""
+        self.use_task(task)
+        batches = self.loader(self.eval_data(task, split), self.args.eval_batch_size)
+        return all_predictions(model, batches, self.scores, device=self.device, precision=self.args.precision)
+
     def trainable_state(self) -> dict[str, Tensor]:
         """Current values of every tensor a fine-tuning run may change (eligible + dense), on CPU."""
         named = dict(self.classifier.named_parameters())
@@ -126,32 +152,12 @@ def logits_forward(model: torch.nn.Module, batch: Any) -> Tensor:
     return model(images)
 
 
-class Evaluator(EditEvaluator):
-    """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split (talos.evaluation's interface).
+def make_evaluator(setup: VisionSetup, linearized: bool = False) -> EditEvaluator:
+    """``evaluate(edit, task, split)``: accuracy of θ0 + edit on a task split, over the classifier's edited
+    parameters (eligible + dense); with ``linearized`` through its first-order Taylor expansion around θ0."""
+    return EditEvaluator(setup.classifier, setup.eligible + setup.dense, setup.accuracy, linearized=linearized)
 
-    With ``linearized`` the model is its first-order Taylor expansion around θ0 (linear, post-hoc).
-    The task's zero-shot head is swapped in before each evaluation; under ``torchrun`` each rank evaluates
-    every world_size-th example and the counts are summed.
-    """
 
-    def __init__(self, setup: VisionSetup, linearized: bool = False) -> None:
-        self.setup = setup
-        super().__init__(setup.classifier, setup.eligible + setup.dense, self._accuracy, linearized=linearized)
-
-    @torch.no_grad()
-    def _accuracy(self, model: torch.nn.Module, task: str, split: str) -> float:
-        self.setup.use_task(task)  # the head is a buffer of the classifier: the linearized wrapper sees it too
-        ds = self.setup.eval_data(task, split)
-        if dist.is_distributed():
-            ds = torch.utils.data.Subset(ds, list(range(dist.rank(), len(ds), dist.world_size())))
-        correct = total = 0
-        dev = self.setup.device
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.setup.args.precision == "bf16")
-        for x, y in self.setup.loader(ds, self.setup.args.eval_batch_size):
-            with autocast:
-                pred = model(x.to(dev, non_blocking=True)).argmax(-1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
-        counts = torch.tensor([correct, total], dtype=torch.float64, device=dev)
-        dist.all_reduce_sum_([counts])
-        return float(counts[0]) / max(1.0, float(counts[1]))
+def check_eval_data(args: Config, tasks: list[str]) -> None:
+    """Fail before any model loads when a task's image folders are missing."""
+    check_datasets(tasks, args.data_location)

@@ -9,7 +9,6 @@ results exist, writes results.json (+ config) in its run folder, and optionally 
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,25 +16,16 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # `python vision/<script>.py`: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (vision/datasets.py would shadow HF `datasets`)
 
-from talos import distributed as dist
-from talos.modes import get_mode
-from talos.app.jobs import evaluate
+from talos.app.evaluation_script import evaluation_main
 
 from vision.args import parse_args
-from vision.common import RUNS, Evaluator, VisionSetup
-from vision.datasets import check_datasets
+from vision.common import RUNS, VisionSetup, check_eval_data, make_evaluator
 
 
 def main(protocol: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one protocol for ``--finetuning-mode`` over ``--eval-datasets``; returns its results."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv, description=__doc__)
-    args = args.replace(device=dist.init_from_env(args.device))  # torchrun: evaluation batches are sharded over ranks
-    return evaluate(
-        protocol, args, runs=RUNS,
-        check_data=lambda tasks: check_datasets(tasks, args.data_location),
-        make_evaluator=lambda: Evaluator(VisionSetup(args),
-                                         linearized=get_mode(args.finetuning_mode).eval_linearized))
+    return evaluation_main(protocol, argv, description=__doc__, parse_args=parse_args, runs=RUNS,
+                           check_data=check_eval_data, setup=VisionSetup, make_evaluator=make_evaluator)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 results where they measure the same thing (CPU, offline)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from nlp import analyze, eval_single_task, eval_task_addition, finetune
+from nlp import analyze
+from tests.helpers import AnalysisRuns
 
 TASKS = ["synth_qa", "synth_para"]
 
@@ -23,42 +22,28 @@ def common(synth, save, *extra):
 
 @pytest.fixture(scope="module")
 def runs(synth, tmp_path_factory):
-    save = tmp_path_factory.mktemp("nlp_analyze") / "runs"
-    for mode in ("standard", "talos"):
-        for task in TASKS:
-            finetune.main(common(synth, save, "--finetuning-mode", mode, "--train-dataset", task,
-                                 "--gradient-drift-every", "2"))
-    single = eval_single_task.main(common(synth, save, "--finetuning-mode", "talos"))
-    addition = eval_task_addition.main(common(synth, save, "--finetuning-mode", "talos"))
-    return synth, save, single, addition
-
-
-def figure(runs, name, *extra):
-    synth, save, _, _ = runs
-    numbers = analyze.main([name, *common(synth, save, *extra)])
-    (d,) = (save / "nlp" / "talos-tiny-t5" / "eval" / f"figure_{name}").iterdir()
-    assert (d / f"{name}.png").stat().st_size > 5000
-    assert json.loads((d / "results.json").read_text()) == json.loads(json.dumps(numbers))
-    return numbers
+    """standard + talos runs of two tasks (gradient drift recorded), talos single-task and addition results."""
+    return AnalysisRuns("nlp", "talos-tiny-t5", lambda save, *extra: common(synth, save, *extra),
+                        tmp_path_factory.mktemp("nlp_analyze") / "runs", TASKS)
 
 
 def test_every_figure_on_tiny_t5_runs(runs):
-    single, addition = runs[2]["test"], runs[3]
-    r = figure(runs, "accuracy_ratio", "--modes", "talos")
+    single, addition = runs.single["test"], runs.addition
+    r = runs.figure("accuracy_ratio", "--modes", "talos")
     for i, t in enumerate(TASKS):
         assert r["ratio"]["talos"][i][i] == pytest.approx(single["finetuned"][t] / single["zeroshot"][t])
-    lin = figure(runs, "linearized", "--modes", "talos")
+    lin = runs.figure("linearized", "--modes", "talos")
     assert lin["per_mode"]["talos"]["finetuned"] == pytest.approx(single["finetuned"])
-    xi = figure(runs, "disentanglement", "--modes", "standard,talos", "--alphas", "0,1", "--max-examples", "16")
+    xi = runs.figure("disentanglement", "--modes", "standard,talos", "--alphas", "0,1", "--max-examples", "16")
     assert all(grid[0][0] == 0.0 for grid in xi["xi"].values())
-    s = figure(runs, "sensitivity_transfer", "--max-examples", "16")
+    s = runs.figure("sensitivity_transfer", "--max-examples", "16")
     assert all(abs(f - 0.1) < 1e-3 for f in s["pruned_fraction"]["most"].values())
-    m = figure(runs, "mask_overlap")
+    m = runs.figure("mask_overlap")
     assert m["iou"]["synth_qa"]["synth_qa"] == 1.0 and m["density"]["synth_qa"] == pytest.approx(0.1, abs=1e-3)
     assert set(m["per_layer"]["synth_qa"]) <= {"enc 0", "enc 1", "dec 0", "dec 1", "final norm", "other"}
-    d = figure(runs, "gradient_drift")
+    d = runs.figure("gradient_drift")
     assert set(d["curves"]) == {"standard", "talos"} and d["curves"]["standard"]["synth_qa"]["steps"] == [0, 2, 4]
-    a = figure(runs, "sparsity_ablation", "--sparsities", "0.9")
+    a = runs.figure("sparsity_ablation", "--sparsities", "0.9")
     assert a["rows"]["talos"]["0.9"]["normalized"] == addition["normalized"]
     assert a["rows"]["talos"]["0.9"]["single_task"] == pytest.approx(sum(single["finetuned"].values()) / 2)
 

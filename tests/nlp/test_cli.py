@@ -1,7 +1,6 @@
 """The NLP scripts end to end on tiny T5 / GPT-2 configs and generated tasks (CPU, offline)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlp import eval_single_task, eval_task_addition, eval_task_negation, finetune
+from nlp import eval_single_task, eval_task_addition, finetune
 from talos.io import load_tensors
-from talos.merges import MERGES
 from talos.task_vector import TaskVector
+from tests.helpers import (assert_finetune_skips_when_done, assert_results_hold_every_mode_and_merge,
+                           assert_resume_matches_uninterrupted, distributed_run_matches_one_process,
+                           finetune_artifacts_config, sweep)
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = "synth_qa,synth_para"
+MODES = ["standard", "talos"]  # the end-to-end sweep (the other modes: test_other_modes_run_on_language_models)
 
 
 def common(synth, save, *extra, model="talos-tiny-t5"):
@@ -34,46 +36,39 @@ def run_dir(save, mode, task, model="talos-tiny-t5"):
     return d
 
 
-def test_pipeline_end_to_end(synth, tmp_path):
-    save, results = tmp_path / "runs", tmp_path / "results.json"
-    for mode in ("standard", "talos"):
-        for task in TASKS.split(","):
-            m = finetune.main(common(synth, save, "--finetuning-mode", mode, "--train-dataset", task))
-            assert m["steps"] == 4 and m["interrupted"] is False
-        for script in (eval_single_task, eval_task_addition, eval_task_negation):
-            script.main(common(synth, save, "--finetuning-mode", mode, "--results-json", str(results)))
-    d = run_dir(save, "talos", "synth_qa")
-    for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
-              "task_vector.safetensors", "metrics.json"):
-        assert (d / f).exists(), f
-    assert not (d / "checkpoint.pt").exists()
-    cfg = json.loads((d / "config.json").read_text())
+@pytest.fixture(scope="module")
+def pipeline(synth, tmp_path_factory):
+    """standard and talos fine-tuned on both tasks and evaluated by every protocol, then every merge of the
+    standard task vectors in addition and negation, all into one results.json (built once per module)."""
+    argv = lambda save, *extra: common(synth, save, *extra)  # noqa: E731
+    return sweep("nlp", argv, MODES, TASKS.split(","), tmp_path_factory.mktemp("pipeline"))
+
+
+def test_every_mode_trains_every_task_for_the_asked_steps(pipeline):
+    assert set(pipeline.metrics) == {(m, t) for m in MODES for t in TASKS.split(",")}
+    for key, m in pipeline.metrics.items():
+        assert m["steps"] == 4 and m["interrupted"] is False, key
+
+
+def test_finetune_writes_its_artifacts_and_config(pipeline):
+    cfg = finetune_artifacts_config(run_dir(pipeline.save, "talos", "synth_qa"))
     assert cfg["settings"]["method"]["fisher_target"] == "logit" and cfg["hparams"]["num_grad_accumulation"] == 2
-    assert cfg["versions"]["transformers"] and "git_commit" in cfg
-    for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
-        eval_task_addition.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
-                                       "--results-json", str(results)))
-        if merge != "sum":
-            eval_task_negation.main(common(synth, save, "--finetuning-mode", "standard", "--merge", merge,
-                                           "--results-json", str(results)))
-    res = json.loads(results.read_text())
-    for mode in ("standard", "talos"):
-        assert set(res["single_task"][mode]) == set(TASKS.split(","))
-        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
-        assert set(res["negation"][mode]) == {"target", "control", "coef"}
-    assert set(res["single_task"]["zeroshot"]) == set(TASKS.split(","))
-    assert set(res["merges"]) == set(MERGES.names())
-    assert set(res["negation_merges"]) == set(MERGES.names())  # sum: the standard negation row
-    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
-    assert res["merges"]["sum"] == res["addition"]["standard"]
-    assert res["task_vector_density"]["talos"]["synth_qa"] == pytest.approx(0.1, abs=0.01)
-    # stages skip when their artifacts exist
-    stamp = (d / "task_vector.safetensors").stat().st_mtime_ns
-    again = finetune.main(common(synth, save, "--finetuning-mode", "talos", "--train-dataset", "synth_qa"))
-    assert again == json.loads((d / "metrics.json").read_text())
-    assert (d / "task_vector.safetensors").stat().st_mtime_ns == stamp
-    single = eval_single_task.main(common(synth, save, "--finetuning-mode", "talos"))
-    assert single["test"]["finetuned"] == res["single_task"]["talos"]
+    assert cfg["versions"]["transformers"]
+
+
+def test_results_json_has_a_row_per_mode_and_per_merge(pipeline):
+    assert_results_hold_every_mode_and_merge(pipeline.results, MODES, TASKS.split(","))
+
+
+def test_talos_task_vector_density_is_the_mask_density(pipeline):
+    assert pipeline.results["task_vector_density"]["talos"]["synth_qa"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_stages_skip_when_their_results_exist(pipeline, synth):
+    argv = common(synth, pipeline.save, "--finetuning-mode", "talos", "--train-dataset", "synth_qa")
+    assert_finetune_skips_when_done(finetune, argv, run_dir(pipeline.save, "talos", "synth_qa"))
+    single = eval_single_task.main(common(synth, pipeline.save, "--finetuning-mode", "talos"))
+    assert single["test"]["finetuned"] == pipeline.results["single_task"]["talos"]
 
 
 def test_talos_task_vector_is_sparse_where_the_mask_allows(synth, tmp_path):
@@ -93,17 +88,8 @@ def test_talos_task_vector_is_sparse_where_the_mask_allows(synth, tmp_path):
 def test_resume_gives_the_uninterrupted_task_vector(synth, tmp_path):
     args = ["--finetuning-mode", "talos", "--train-dataset", "synth_para", "--num-steps", "6",
             "--checkpoint-every", "2"]
-    finetune.main(common(synth, tmp_path / "a", *args))
-    part = finetune.main(common(synth, tmp_path / "b", *args, "--stop-after", "3"))
-    assert part["interrupted"] and part["steps"] == 3
-    d = run_dir(tmp_path / "b", "talos", "synth_para")
-    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
-    finetune.main(common(synth, tmp_path / "b", *args))
-    a = TaskVector.load(run_dir(tmp_path / "a", "talos", "synth_para") / "task_vector.safetensors")
-    b = TaskVector.load(d / "task_vector.safetensors")
-    assert set(a.keys()) == set(b.keys())
-    for n in a.keys():
-        assert torch.equal(a[n], b[n]), n
+    assert_resume_matches_uninterrupted("nlp", "talos-tiny-t5", lambda save, *extra: common(synth, save, *args, *extra),
+                                        "synth_para", 3, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["linear", "lora"])
@@ -168,45 +154,16 @@ def test_scripts_run_from_the_repository_root(synth, tmp_path):
     assert "ImportError" not in r.stderr and "load_dataset('allenai/qasc'" in r.stderr
 
 
-def _nlp_worker(rank, world, port, synth, save, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    args = common(synth, save, "--finetuning-mode", "talos", "--eval-datasets", "synth_qa")
-    finetune.main(args + ["--train-dataset", "synth_qa"])
-    eval_single_task.main(args + ["--results-json", str(results)])
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_distributed_finetune_and_eval_write_one_copy(synth, tmp_path):
-    import shutil
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    save, results = tmp_path / "runs", tmp_path / "results.json"
-    synth = (str(synth[0]), str(synth[1]))
-    mp.start_processes(_nlp_worker, args=(2, port, synth, save, results), nprocs=2, join=True, start_method="spawn")
-    d = run_dir(save, "talos", "synth_qa")
-    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(  # (.lock: the run lock)
-        ["calibration.json", "config.json", "finetuned.safetensors", "manifest.json", "mask.safetensors",
-         "metrics.json", "task_vector.safetensors"])
-    assert json.loads((d / "config.json").read_text())["world_size"] == 2
-    sharded = json.loads(results.read_text())["single_task"]["talos"]
-    # one process, same task vector: the same accuracy as two ranks each scoring half of the examples
-    shutil.rmtree(save / "nlp" / "talos-tiny-t5" / "eval")
-    single = eval_single_task.main(common(synth, save, "--finetuning-mode", "talos", "--eval-datasets", "synth_qa"))
-    assert single["test"]["finetuned"] == sharded
+    d = distributed_run_matches_one_process("nlp", "talos-tiny-t5", lambda save, *extra: common(synth, save, *extra),
+                                            "synth_qa", tmp_path / "runs")
     # the masks of two ranks (all-reduced Fisher sums) equal a single-process calibration
     finetune.main(common(synth, tmp_path / "one", "--finetuning-mode", "talos", "--eval-datasets", "synth_qa",
                          "--train-dataset", "synth_qa"))
     m1 = load_tensors(run_dir(tmp_path / "one", "talos", "synth_qa") / "mask.safetensors")
     m2 = load_tensors(d / "mask.safetensors")
-    assert all(torch.equal(m1[n], m2[n]) for n in m1)
+    assert m1 and m1.keys() == m2.keys() and all(torch.equal(m1[n], m2[n]) for n in m1)
 
 
 PINNED_NLP = ("90f4253288", "9ff91b1cab")  # talos, standard

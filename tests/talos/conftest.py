@@ -48,6 +48,20 @@ class ToyText(nn.Module):
         return self.head(o.mean(1))
 
 
+def open_clip_vit() -> nn.Module:
+    """open_clip's VisionTransformer (16 px images, patch 8, width 32, 2 blocks) under a 4-class Linear ``head``,
+    built after ``torch.manual_seed(0)``; skips the test without open_clip."""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("visual", VisionTransformer(image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                                                 mlp_ratio=2.0, output_dim=8))
+    model.add_module("head", nn.Linear(8, 4))
+    return model
+
+
 def vit_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(batch)
 

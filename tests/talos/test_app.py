@@ -77,14 +77,23 @@ def test_defaults_csv_and_typed_groups():
     (["--stop-after", "0"], "--stop-after must be >= 1"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
     (["--lr", "0"], "--lr must be > 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "inf"], "--lr must be a finite number"),
+    (["--wd", "nan"], "--wd must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--lora-alpha", "inf"], "--lora-alpha must be a finite number"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 1, got -5"),
+    (["--dare-p", "1.5"], "--dare-p 1.5"),
+    (["--tall-masks-lam", "-1"], "tall-masks"),
     (["--finetuning-mode", "imported"], "needs --import-source"),
-    (["--ties-k", "5"], "merge ties"),
+    (["--ties-k", "5"], "--ties-k 5"),
 ])
-def test_bad_values_exit_with_the_reason(argv, message, capsys):
+def test_bad_values_exit_with_the_reason_before_writing(argv, message, capsys, tmp_path):
+    save = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:
-        _parse(*argv)
+        _parse(*argv, "--save", str(save))
     assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not save.exists()
 
 
 def test_train_dataset_required_only_for_finetuning(capsys):

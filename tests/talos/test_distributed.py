@@ -2,26 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
+from tests.helpers import join_env, spawn_ranks
+
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
 
 
 def _toy():
@@ -48,7 +36,7 @@ def _calibrate(out_dir):
 def _calibrate_worker(rank, world, port, out_dir):
     from talos import distributed as dist
 
-    _env(rank, world, port)
+    join_env(rank, world, port)
     dist.init_from_env("cpu")
     masks = _calibrate(out_dir)
     torch.save(masks, os.path.join(out_dir, f"masks{rank}.pt"))
@@ -88,20 +76,16 @@ def _train(mode_name, ckpt=None):
 def _train_worker(rank, world, port, out_dir, mode_name):
     from talos import distributed as dist
 
-    _env(rank, world, port)
+    join_env(rank, world, port)
     dist.init_from_env("cpu")
     sd = _train(mode_name, ckpt=os.path.join(out_dir, "ckpt.pt"))
     torch.save(sd, os.path.join(out_dir, f"{mode_name}{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def _spawn(fn, *args):
-    mp.start_processes(fn, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="spawn")
-
-
 def test_distributed_calibration_gives_single_process_masks(tmp_path):
     single = _calibrate(str(tmp_path))
-    _spawn(_calibrate_worker, str(tmp_path))
+    spawn_ranks(_calibrate_worker, str(tmp_path))
     for r in range(2):
         masks = torch.load(tmp_path / f"masks{r}.pt", weights_only=True)
         assert all(torch.equal(masks[k], single[k]) for k in single)
@@ -110,7 +94,7 @@ def test_distributed_calibration_gives_single_process_masks(tmp_path):
 @pytest.mark.parametrize("mode", ["standard", "talos"])
 def test_distributed_training_matches_single_process(tmp_path, mode):
     single = _train(mode)
-    _spawn(_train_worker, str(tmp_path), mode)
+    spawn_ranks(_train_worker, str(tmp_path), mode)
     for r in range(2):
         sd = torch.load(tmp_path / f"{mode}{r}.pt", weights_only=True)
         for k, v in single.items():

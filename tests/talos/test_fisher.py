@@ -10,7 +10,7 @@ from torch import nn
 from talos import fisher_scores, fisher_scores_reference, register_per_example_rule
 from talos.fisher import draw_labels, per_example_objective
 
-from .conftest import ToyText, ToyViT, image_batches, token_batches
+from .conftest import ToyText, ToyViT, image_batches, open_clip_vit, token_batches
 
 
 def brute_force(model, batches, forward_fn, names, target, draws, seed):
@@ -87,14 +87,7 @@ def test_supported_modules_take_the_fast_path(caplog):
 
 
 def test_open_clip_vision_transformer():
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("visual", VisionTransformer(image_size=16, patch_size=8, width=32, layers=2, heads=2,
-                                                 mlp_ratio=2.0, output_dim=8))
-    model.add_module("head", nn.Linear(8, 4))
+    model = open_clip_vit()
     batches = [torch.randn(3, 3, 16, 16), torch.randn(2, 3, 16, 16)]
     names = [n for n, _ in model.named_parameters()]  # includes class/positional embedding and proj (fallback)
     fast = fisher_scores(model, batches, fwd, target="logit", generator=torch.Generator().manual_seed(1))

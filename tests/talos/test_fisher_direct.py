@@ -12,6 +12,7 @@ from torch import nn
 
 from talos import fisher_scores
 
+from .conftest import open_clip_vit
 from .test_fisher import assert_close_scores, brute_force
 
 
@@ -30,14 +31,7 @@ def _check(model, batches, fwd, target="logit", draws=1, seed=0):
 
 
 def test_open_clip_vit_default_params_are_followed_not_fallback():
-    pytest.importorskip("open_clip")
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("visual", VisionTransformer(image_size=16, patch_size=8, width=32, layers=2, heads=2,
-                                                 mlp_ratio=2.0, output_dim=8))
-    model.add_module("head", nn.Linear(8, 4))
+    model = open_clip_vit()
     batches = [torch.randn(3, 3, 16, 16), torch.randn(4, 3, 16, 16)]
     rep = _check(model, batches, lambda m, b: m(b), target="log_prob", draws=2)
     assert rep["fallback"] == set()

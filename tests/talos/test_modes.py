@@ -48,6 +48,20 @@ def test_linearized_model_is_first_order_taylor():
     torch.testing.assert_close(lin2 - f0, 2 * (lin_plus - f0), rtol=1e-4, atol=1e-6)
 
 
+def _cleanup_leaves_the_base_untouched(state, model, before):
+    state.cleanup()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@torch.no_grad()
+def _add_and_run(model, tv, x):
+    """Add τ to the model's parameters (in place) and return its output on ``x``."""
+    named = dict(model.named_parameters())
+    for n in tv.keys():
+        named[n].add_(tv[n])
+    return model(x)
+
+
 def _mha_targets(model):
     E = model.attn.embed_dim
     return {"attn.in_proj_weight": [slice(0, E), slice(2 * E, 3 * E)], "mlp.0.weight": None}
@@ -76,14 +90,8 @@ def test_lora_is_a_noop_at_init_and_trains_only_adapters():
     E = model.attn.embed_dim
     assert not tv["attn.in_proj_weight"][E:2 * E].any() and tv["attn.in_proj_weight"][:E].any()
     out_lora = state.model(x).detach()
-    state.cleanup()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base untouched
-    # the merged update reproduces the adapted model
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for n in tv.keys():
-            named[n].add_(tv[n])
-        torch.testing.assert_close(model(x), out_lora, rtol=1e-5, atol=1e-6)
+    _cleanup_leaves_the_base_untouched(state, model, before)
+    torch.testing.assert_close(_add_and_run(model, tv, x), out_lora, rtol=1e-5, atol=1e-6)  # merged = adapted
 
 
 def _llora(model, rank=2, alpha=4.0, seed=3):
@@ -183,16 +191,9 @@ def test_llora_network_stays_nonlinear_and_tau_reproduces_it():
             p.copy_(torch.randn(p.shape, generator=g))
         f_adapted = state.model(x)
     tv = state.task_vector()
-    state.cleanup()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base untouched
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for n in tv.keys():
-            named[n].add_(tv[n])
-        f1 = model(x)  # θ0 + τ in the ordinary model = the adapted model
-        for n in tv.keys():
-            named[n].add_(tv[n])
-        f2 = model(x)  # θ0 + 2τ
+    _cleanup_leaves_the_base_untouched(state, model, before)
+    f1 = _add_and_run(model, tv, x)  # θ0 + τ in the ordinary model = the adapted model
+    f2 = _add_and_run(model, tv, x)  # θ0 + 2τ
     torch.testing.assert_close(f1, f_adapted, rtol=1e-5, atol=1e-6)
     # not the linear extrapolation f0 + 2 (f1 - f0): only the adapter branch is linear, not the network
     assert (f2 - (f0 + 2 * (f1 - f0))).abs().max() > 1e-2 * (f1 - f0).abs().max()

@@ -4,16 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from talos.protocols import (
-    accuracy,
-    choose_addition_coef,
-    choose_negation_coef,
-    coefficient_grid,
-    disentanglement_error,
-    normalized_accuracy,
-    summarize_addition,
-    summarize_negation,
-)
+from talos.protocols import (accuracy, choose_addition_coef, choose_negation_coef, coefficient_grid,
+                             disentanglement_error, normalized_accuracy, summarize_addition, summarize_negation)
 
 
 # ---------------------------------------------------------------- grid / accuracy

@@ -2,11 +2,10 @@
 the protocols' own results where they measure the same thing, and clear failures (CPU, offline)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from vision import analyze, eval_single_task, eval_task_addition, finetune
+from tests.helpers import AnalysisRuns
+from vision import analyze
 from vision.synthetic import make_synthetic_datasets
 
 TASKS = ["SynthShapes", "SynthColors"]
@@ -24,66 +23,52 @@ def common(data, save, *extra):
 def runs(tmp_path_factory):
     """standard + talos runs of two tasks (gradient drift recorded), talos single-task and addition results."""
     root = tmp_path_factory.mktemp("vision_analyze")
-    data, save = root / "data", root / "runs"
+    data = root / "data"
     make_synthetic_datasets(data, n_train=60, n_test=20)
-    for mode in ("standard", "talos"):
-        for task in TASKS:
-            finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task,
-                                 "--gradient-drift-every", "2"))
-    single = eval_single_task.main(common(data, save, "--finetuning-mode", "talos"))
-    addition = eval_task_addition.main(common(data, save, "--finetuning-mode", "talos"))
-    return data, save, single, addition
-
-
-def figure(runs, name, *extra):
-    data, save, _, _ = runs
-    numbers = analyze.main([name, *common(data, save, *extra)])
-    (d,) = (save / "vision" / "talos-tiny-vit" / "eval" / f"figure_{name}").iterdir()
-    assert (d / f"{name}.png").stat().st_size > 5000
-    assert json.loads((d / "results.json").read_text()) == json.loads(json.dumps(numbers))
-    return numbers
+    return AnalysisRuns("vision", "talos-tiny-vit", lambda save, *extra: common(data, save, *extra), root / "runs",
+                        TASKS)
 
 
 def test_accuracy_ratio_and_linearized_match_the_single_task_protocol(runs):
-    single = runs[2]["test"]
-    r = figure(runs, "accuracy_ratio", "--modes", "standard,talos")
+    single = runs.single["test"]
+    r = runs.figure("accuracy_ratio", "--modes", "standard,talos")
     for i, t in enumerate(TASKS):  # diagonal = fine-tuned / zero-shot accuracy, as eval_single_task measured
         assert r["ratio"]["talos"][i][i] == pytest.approx(single["finetuned"][t] / single["zeroshot"][t])
-    lin = figure(runs, "linearized", "--modes", "talos")
+    lin = runs.figure("linearized", "--modes", "talos")
     assert lin["per_mode"]["talos"]["finetuned"] == pytest.approx(single["finetuned"])
     assert set(lin["per_mode"]["talos"]["linearized"]) == set(TASKS)
 
 
 def test_disentanglement_and_sensitivity_transfer(runs):
-    xi = figure(runs, "disentanglement", "--alphas", "0,0.5,1", "--max-examples", "20")
+    xi = runs.figure("disentanglement", "--alphas", "0,0.5,1", "--max-examples", "20")
     # default: every mode with runs (posthoc evaluates the standard vectors through the linearized model)
     assert set(xi["xi"]) == {"standard", "posthoc", "talos"} and "lora" in xi["skipped_modes"]
     for grid in xi["xi"].values():
         assert len(grid) == 3 and grid[0][0] == 0.0  # α1 = α2 = 0: the same model
         assert all(0.0 <= v <= 2.0 for row in grid for v in row)
-    s = figure(runs, "sensitivity_transfer", "--max-examples", "20")
+    s = runs.figure("sensitivity_transfer", "--max-examples", "20")
     assert s["fraction"] == 0.1 and len(s["ratio"]["least"]) == 2 and len(s["ratio"]["most"][0]) == 2
     assert all(abs(f - 0.1) < 1e-3 for f in s["pruned_fraction"]["least"].values())
 
 
 def test_masks_drift_and_sparsity_ablation(runs, capsys):
-    m = figure(runs, "mask_overlap")
+    m = runs.figure("mask_overlap")
     assert m["iou"]["SynthShapes"]["SynthShapes"] == 1.0 and 0 <= m["iou"]["SynthShapes"]["SynthColors"] < 1
     assert m["density"]["SynthShapes"] == pytest.approx(0.1, abs=1e-3)
-    d = figure(runs, "gradient_drift")
+    d = runs.figure("gradient_drift")
     assert set(d["curves"]) == {"standard", "talos"}
     assert d["curves"]["talos"]["SynthShapes"]["steps"] == [0, 2, 4]  # 54 images / 16 = 4 steps, every 2
-    a = figure(runs, "sparsity_ablation", "--sparsities", "0.9")
-    single, addition = runs[2]["test"]["finetuned"], runs[3]
+    a = runs.figure("sparsity_ablation", "--sparsities", "0.9")
+    single, addition = runs.single["test"]["finetuned"], runs.addition
     assert a["rows"]["talos"]["0.9"] == pytest.approx({"single_task": sum(single.values()) / 2,
                                                        "normalized": addition["normalized"],
                                                        "absolute": addition["absolute"]})
-    figure(runs, "mask_overlap")  # exists: skipped
+    runs.figure("mask_overlap")  # exists: skipped
     assert "exists:" in capsys.readouterr().out
 
 
 def test_unknown_figure_and_missing_runs_fail_clearly(runs, tmp_path, capsys):
-    data = runs[0]
+    data = runs.save.parent / "data"
     with pytest.raises(SystemExit) as e:
         analyze.main(["fig9", *common(data, tmp_path)])
     assert e.value.code == 2 and "unknown figure 'fig9'; valid choices: accuracy_ratio" in capsys.readouterr().err

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from talos.io import load_tensors
-from talos.merges import MERGES
 from talos.modes import MODES, run_order
 from talos.task_vector import TaskVector
-from vision import eval_single_task, eval_task_addition, eval_task_negation, finetune
+from tests.helpers import (assert_finetune_skips_when_done, assert_results_hold_every_mode_and_merge,
+                           assert_resume_matches_uninterrupted, distributed_run_matches_one_process,
+                           finetune_artifacts_config, sweep)
+from vision import eval_single_task, eval_task_addition, finetune
 
 TASKS = "SynthShapes,SynthColors"
 
@@ -28,56 +30,75 @@ def run_dir(save, mode, task):
     return d
 
 
-def test_pipeline_end_to_end_every_mode(data, tmp_path):
-    save, results = tmp_path / "runs", tmp_path / "results.json"
+@pytest.fixture(scope="module")
+def pipeline(data, tmp_path_factory):
+    """Every training mode fine-tuned on both tasks and evaluated by every protocol, then every merge of the
+    standard task vectors in addition and negation, all into one results.json (built once per module)."""
+    argv = lambda save, *extra: common(data, save, *extra)  # noqa: E731
+    return sweep("vision", argv, run_order(), TASKS.split(","), tmp_path_factory.mktemp("pipeline"))
+
+
+def test_run_order_holds_every_training_mode_in_dependency_order():
     modes = run_order()
     assert set(modes) == {n for n in MODES.names() if MODES.get(n).trains}  # (imported: vision/import_checkpoints.py)
-    assert modes.index("standard") < modes.index("lota")
-    for mode in modes:
-        for task in TASKS.split(","):
-            m = finetune.main(common(data, save, "--finetuning-mode", mode, "--train-dataset", task))
-            assert m["steps"] == 2 * 6  # 90 train images (100 minus 10 val), batch 16, 2 epochs
-        for script in (eval_single_task, eval_task_addition, eval_task_negation):
-            script.main(common(data, save, "--finetuning-mode", mode, "--results-json", str(results)))
-    d = run_dir(save, "talos", "SynthShapes")
-    for f in ("config.json", "mask.safetensors", "calibration.json", "finetuned.safetensors",
-              "task_vector.safetensors", "metrics.json"):
-        assert (d / f).exists(), f
-    assert not (d / "checkpoint.pt").exists()
-    cfg = json.loads((d / "config.json").read_text())
-    assert cfg["settings"]["method"]["sparsity"] == 0.9 and cfg["versions"]["torch"] and "git_commit" in cfg
-    for merge in MERGES.names():  # every merge of the standard task vectors, in addition and negation
-        eval_task_addition.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
-                                       "--results-json", str(results)))
-        if merge != "sum":
-            eval_task_negation.main(common(data, save, "--finetuning-mode", "standard", "--merge", merge,
-                                           "--results-json", str(results)))
-    res = json.loads(results.read_text())
-    for mode in modes:
-        assert set(res["single_task"][mode]) == set(TASKS.split(","))
-        assert set(res["addition"][mode]) == {"absolute", "normalized", "coef"}
-        assert set(res["negation"][mode]) == {"target", "control", "coef"}
-    assert set(res["merges"]) == set(MERGES.names())
-    assert set(res["negation_merges"]) == set(MERGES.names())  # sum: the standard negation row
-    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
-    assert res["merges"]["sum"] == res["addition"]["standard"]
-    assert res["task_vector_density"]["standard"]["SynthShapes"] == 1.0
-    assert res["task_vector_density"]["talos"]["SynthShapes"] < 0.5
-    assert res["task_vector_density"]["posthoc"] == res["task_vector_density"]["standard"]
-    posthoc = MODES.get("posthoc")  # standard's vectors, evaluated through the linearized model
-    assert posthoc.source_mode == "standard" and posthoc.eval_linearized and not MODES.get("standard").eval_linearized
-    for mode in ("lota", "random_mask", "magnitude_mask"):  # same density as TaLoS, different masks
-        assert res["task_vector_density"][mode]["SynthShapes"] < 0.5
-    lora = TaskVector.load(run_dir(save, "lora", "SynthShapes") / "task_vector.safetensors")
-    assert all(k.endswith("attn.in_proj_weight") for k in lora.keys())
-    E = 64  # q and v rows move, k rows do not
+    assert modes.index("standard") < modes.index("lota")  # LoTA reads the standard task vector
+
+
+def test_every_mode_trains_every_task_for_the_expected_steps(pipeline):
+    assert set(pipeline.metrics) == {(m, t) for m in run_order() for t in TASKS.split(",")}
+    for key, m in pipeline.metrics.items():
+        assert m["steps"] == 2 * 6, key  # 90 train images (100 minus 10 val), batch 16, 2 epochs
+
+
+def test_finetune_writes_its_artifacts_and_config(pipeline):
+    cfg = finetune_artifacts_config(run_dir(pipeline.save, "talos", "SynthShapes"))
+    assert cfg["settings"]["method"]["sparsity"] == 0.9
+
+
+def test_results_json_has_a_row_per_mode_and_per_merge(pipeline):
+    assert_results_hold_every_mode_and_merge(pipeline.results, run_order(), TASKS.split(","))
+
+
+def test_task_vector_density_per_mode(pipeline):
+    density = pipeline.results["task_vector_density"]
+    assert density["standard"]["SynthShapes"] == 1.0
+    assert density["posthoc"] == density["standard"]  # posthoc evaluates the standard task vectors
+    for mode in ("talos", "lota", "random_mask", "magnitude_mask"):  # 90% sparse masks, different choices
+        assert density[mode]["SynthShapes"] < 0.5, mode
+
+
+def test_posthoc_evaluates_the_standard_vectors_through_the_linearized_model(pipeline, data, tmp_path, monkeypatch):
+    import shutil
+
+    from talos.linearize import LinearizedModel
+
+    model_dir = Path("vision") / "talos-tiny-vit"
+    shutil.copytree(pipeline.save / model_dir / "standard", tmp_path / model_dir / "standard")  # no eval results
+    calls = []
+    real = LinearizedModel.forward
+    monkeypatch.setattr(LinearizedModel, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    got = {}
+    for mode in ("standard", "posthoc"):
+        calls.clear()
+        got[mode] = eval_single_task.main(common(data, tmp_path, "--finetuning-mode", mode))
+        assert bool(calls) == (mode == "posthoc"), mode  # only posthoc runs through the Taylor expansion
+        assert got[mode]["test"]["finetuned"] == pipeline.results["single_task"][mode]  # as in the full sweep
+    for split in ("val", "test"):  # at θ0 the linearized model is the model itself
+        assert got["posthoc"][split]["zeroshot"] == got["standard"][split]["zeroshot"]
+
+
+def test_lora_moves_only_the_query_and_value_rows(pipeline):
+    lora = TaskVector.load(run_dir(pipeline.save, "lora", "SynthShapes") / "task_vector.safetensors")
+    assert len(lora.keys()) == 2 and all(k.endswith("attn.in_proj_weight") for k in lora.keys())  # 2 blocks
+    E = 64  # in_proj rows: q, k, v of width 64
     for k in lora.keys():
         assert lora[k][:E].abs().sum() > 0 and lora[k][2 * E:].abs().sum() > 0
         assert not lora[k][E:2 * E].any()
-    # stages skip when their artifacts exist
-    before = (d / "task_vector.safetensors").stat().st_mtime_ns
-    finetune.main(common(data, save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes"))
-    assert (d / "task_vector.safetensors").stat().st_mtime_ns == before
+
+
+def test_finetune_skips_when_its_task_vector_exists(pipeline, data):
+    argv = common(data, pipeline.save, "--finetuning-mode", "talos", "--train-dataset", "SynthShapes")
+    assert_finetune_skips_when_done(finetune, argv, run_dir(pipeline.save, "talos", "SynthShapes"))
 
 
 def test_talos_task_vector_is_as_sparse_as_the_mask(data, tmp_path):
@@ -98,15 +119,8 @@ def test_talos_task_vector_is_as_sparse_as_the_mask(data, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted(data, tmp_path):
     args = ["--finetuning-mode", "talos", "--train-dataset", "SynthShapes", "--eval-datasets", "SynthShapes"]
-    finetune.main(common(data, tmp_path / "a", *args))
-    out = finetune.main(common(data, tmp_path / "b", *args, "--stop-after", "4"))
-    assert out["interrupted"] and out["steps"] == 4
-    d = run_dir(tmp_path / "b", "talos", "SynthShapes")
-    assert (d / "checkpoint.pt").exists() and not (d / "task_vector.safetensors").exists()
-    finetune.main(common(data, tmp_path / "b", *args))
-    a = TaskVector.load(run_dir(tmp_path / "a", "talos", "SynthShapes") / "task_vector.safetensors")
-    b = TaskVector.load(d / "task_vector.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+    argv = lambda save, *extra: common(data, save, *args, *extra)  # noqa: E731
+    assert_resume_matches_uninterrupted("vision", "talos-tiny-vit", argv, "SynthShapes", 4, tmp_path)
 
 
 def test_wandb_offline(data, tmp_path, monkeypatch):
@@ -159,7 +173,7 @@ def test_missing_task_vector_names_the_command(data, tmp_path):
 
 def test_eval_cache_gives_the_same_accuracy_and_decodes_once(data, tmp_path, monkeypatch):
     from vision.args import parse_args
-    from vision.common import Evaluator, VisionSetup
+    from vision.common import VisionSetup, make_evaluator
 
     accs, builds = {}, {}
     for mb in (0, 64, 1):  # off, on, too small for the split (falls back to reading the images)
@@ -170,7 +184,7 @@ def test_eval_cache_gives_the_same_accuracy_and_decodes_once(data, tmp_path, mon
         monkeypatch.setattr(setup, "dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
         if mb == 1:
             setup._eval_cache_bytes = 2**20 - 1000  # 1000 bytes left: no split fits
-        ev = Evaluator(setup)
+        ev = make_evaluator(setup)
         edit = TaskVector({n: torch.full_like(p, 1e-3) for n, p in setup.classifier.named_parameters()
                            if n in setup.eligible[:2]})
         accs[mb] = [ev(e, t, s) for e in (None, edit, edit * 2) for t in ("SynthShapes", "SynthColors")
@@ -212,41 +226,10 @@ def test_merge_flags_reach_the_merge(data, tmp_path):
     assert paper.merge_hparams("dare") == {"variant": "paper", **hparams_of("dare")}
 
 
-def _vision_worker(rank, world, port, data, save, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    args = common(data, save, "--finetuning-mode", "talos", "--eval-datasets", "SynthShapes")
-    finetune.main(args + ["--train-dataset", "SynthShapes"])
-    eval_single_task.main(args + ["--results-json", str(results)])
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_distributed_finetune_and_eval_write_one_copy(data, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    save, results = tmp_path / "runs", tmp_path / "results.json"
-    mp.start_processes(_vision_worker, args=(2, port, str(data), str(save), str(results)), nprocs=2, join=True,
-                       start_method="spawn")
-    d = run_dir(save, "talos", "SynthShapes")
-    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(  # (.lock: the run lock)
-        ["calibration.json", "config.json", "finetuned.safetensors", "manifest.json", "mask.safetensors",
-         "metrics.json", "task_vector.safetensors"])
-    assert json.loads((d / "config.json").read_text())["world_size"] == 2
-    sharded = json.loads(results.read_text())["single_task"]
-    # the same task vector evaluated by one process gives the same accuracies as two sharded ranks
-    import shutil
-
-    shutil.rmtree(save / "vision" / "talos-tiny-vit" / "eval")  # force a fresh single-process evaluation
-    single = eval_single_task.main(common(data, tmp_path / "runs", "--finetuning-mode", "talos",
-                                          "--eval-datasets", "SynthShapes"))
-    assert single["test"]["finetuned"]["SynthShapes"] == sharded["talos"]["SynthShapes"]
+    distributed_run_matches_one_process("vision", "talos-tiny-vit", lambda save, *extra: common(data, save, *extra),
+                                        "SynthShapes", tmp_path / "runs")
 
 
 def test_grad_checkpointing_flag():
