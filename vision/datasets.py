@@ -30,8 +30,8 @@ the toy world) register from outside as plugins, modules loaded by name (``talos
 scripts' ``--plugins``, e.g. ``--plugins vision.synthetic``).
 
 Nothing here touches the network: missing data raises :class:`DatasetNotFoundError` naming the path and
-the command that creates it (:meth:`DatasetSpec.prepare_hint`; ``vision/prepare_datasets.py`` by default). ``check`` only tests that paths exist, so
-scripts call :func:`check_datasets` before loading any model.
+the command that creates it (:meth:`DatasetSpec.prepare_hint`; ``vision/prepare_datasets.py`` by default).
+``check`` only tests that paths exist, so scripts call :func:`check_datasets` before loading any model.
 """
 from __future__ import annotations
 
@@ -748,8 +748,8 @@ def _suite_specs() -> list[DatasetSpec]:
                          classes=CIFAR10_CLASSES),
         _TorchvisionSpec("CIFAR100", "cifar-100-python", "CIFAR100", root="", splits=bool_split,
                          epochs=6, files=["train", "test", "meta"]),
-        _TorchvisionSpec("STL10", "stl10", "STL10", root="stl10", splits=named_split,
-                         epochs=60, files=[f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin",
+        _TorchvisionSpec("STL10", "stl10", "STL10", root="stl10", splits=named_split, epochs=60,
+                         files=[f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin",
                                                               "class_names.txt")]),
         _TorchvisionSpec("Flowers102", "flowers102", "Flowers102", root="flowers102", splits=named_split,
                          epochs=147, files=["flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
@@ -757,16 +757,16 @@ def _suite_specs() -> list[DatasetSpec]:
         _TorchvisionSpec("OxfordIIITPet", "OxfordIIITPet", "OxfordIIITPet", root="OxfordIIITPet",
                          splits={"train": {"split": "trainval"}, "test": {"split": "test"}},
                          epochs=82, files=["oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt",
-                                "oxford-iiit-pet/annotations/test.txt"]),
+                                           "oxford-iiit-pet/annotations/test.txt"]),
         _TorchvisionSpec("PCAM", "PCAM", "PCAM", root="PCAM", splits=named_split, classes=PCAM,
                          epochs=1, files=[f"pcam/camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "test")
-                                for xy in ("x", "y")]),
+                                          for xy in ("x", "y")]),
         ImageFolderSpec("FER2013", "fer2013", "FER2013", official=FER2013, epochs=10),
         _TorchvisionSpec("EMNIST", "EMNIST", "EMNIST", root="EMNIST",
                          splits={"train": {"split": "digits", "train": True},
                                  "test": {"split": "digits", "train": False}},
                          epochs=2, files=[f"EMNIST/raw/emnist-digits-{s}-{k}-ubyte" for s in ("train", "test")
-                                for k in ("images-idx3", "labels-idx1")],
+                                          for k in ("images-idx3", "labels-idx1")],
                          classes=[str(d) for d in range(10)]),
         _TorchvisionSpec("FashionMNIST", "FashionMNIST", "FashionMNIST", root="FashionMNIST", splits=bool_split,
                          epochs=5, files=_idx_files("FashionMNIST/raw/"),
@@ -778,7 +778,8 @@ def _suite_specs() -> list[DatasetSpec]:
         _TorchvisionSpec("Food101", "food101", "Food101", root="food101", splits=named_split,
                          epochs=4, files=["food-101/images", "food-101/meta/train.json", "food-101/meta/test.json"]),
         _TorchvisionSpec("RenderedSST2", "RenderedSST2", "RenderedSST2", root="RenderedSST2", splits=named_split,
-                         epochs=39, files=["rendered-sst2/train", "rendered-sst2/test"], classes=["negative", "positive"]),
+                         epochs=39, files=["rendered-sst2/train", "rendered-sst2/test"],
+                         classes=["negative", "positive"]),
     ]
 
 

@@ -18,7 +18,8 @@ import json, sys
 import vision.args, vision.datasets as D, nlp.args, nlp.datasets as N
 from vision.args import build_parser, parse_args
 out = {"vision": D.DATASETS.names(), "nlp": N.TASKS.names(), "presets": D.epoch_presets(),
-       "help": build_parser().format_help(), "modules": sorted(m for m in sys.modules if m.startswith(("vision", "nlp")))}
+       "help": build_parser().format_help(),
+       "modules": sorted(m for m in sys.modules if m.startswith(("vision", "nlp")))}
 argv = ["--model", "talos-tiny-vit", "--pretrained", "none", "--train-dataset", "SynthShapes", "--device", "cpu"]
 try:
     parse_args(argv, need_train_dataset=True)
