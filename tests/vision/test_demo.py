@@ -228,8 +228,9 @@ def test_tasks_are_registered_with_templates_and_classnames(tmp_path, toy_tasks)
         assert spec.templates and all(t.count("{}") == 1 for t in spec.templates)
         folders = [W.class_folder(task, i) for i in range(task.n_classes)]
         assert sorted(folders) == folders  # ImageFolder's sorted order is the label order
-    with pytest.raises(DatasetNotFoundError, match="python -m vision.demo.world"):
+    with pytest.raises(DatasetNotFoundError, match="python -m vision.demo.world") as info:
         check_datasets(["ToyShape"], tmp_path)
+    assert info.value.command == f"python -m vision.demo.world --data-location {tmp_path}"  # the spec's hint
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint
