@@ -19,7 +19,8 @@ $PY -m nlp.synthetic --data-location "$DATA"
 COMMON=(--model talos-tiny-t5 --tokenizer "$DATA/tokenizer" --data-location "$DATA" --save "$SAVE"
         --eval-datasets "$TASKS" --control-dataset synth_control --batch-size 16 --num-grad-accumulation 1
         --num-steps 100 --lr 1e-2 --max-seq-len 64 --calibration-batch-size 16 --eval-batch-size 64
-        --lora-rank 4 --attn-implementation eager --device cpu --no-progress --results-json "$OUT/results.json")
+        --lora-rank 4 --attn-implementation eager --device cpu --no-progress --results-json "$OUT/results.json"
+        --plugins nlp.synthetic)
 DOMAIN=nlp
 source launch_scripts/_smoke.sh
 smoke_run

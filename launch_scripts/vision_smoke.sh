@@ -17,7 +17,7 @@ $PY vision/prepare_datasets.py --dataset synthetic --data-location "$DATA"
 COMMON=(--model talos-tiny-vit --pretrained none --data-location "$DATA" --save "$SAVE"
         --eval-datasets "$TASKS" --control-dataset SynthControl --batch-size 32 --lr 1e-3 --warmup-length 5
         --calibration-batch-size 16 --eval-batch-size 128 --num-workers 0 --device cpu --no-progress
-        --results-json "$OUT/results.json")
+        --results-json "$OUT/results.json" --plugins vision.synthetic)
 DOMAIN=vision
 source launch_scripts/_smoke.sh
 smoke_run

@@ -14,6 +14,9 @@ a word-level tokenizer trained on every prompt and answer, saved with ``save_pre
 load it by path (``--tokenizer <location>/tokenizer``). Output is identical for a given seed.
 
     python -m nlp.synthetic --data-location out/nlp_data
+
+This module is a plugin: importing it registers the four tasks with ``nlp.datasets`` (which knows the paper's
+tasks only); scripts load it by name, ``python nlp/finetune.py --plugins nlp.synthetic ...``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # `python nlp/<script>.py`: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # (nlp/datasets.py would shadow HF `datasets`)
 
-__all__ = ["SYNTHETIC_TASKS", "make_synthetic_tasks", "build_tokenizer", "main"]
+from nlp.datasets import TASKS, TaskSpec, register_task  # noqa: E402
+
+__all__ = ["SYNTHETIC_TASKS", "make_synthetic_tasks", "build_tokenizer", "register", "main"]
 
 _MARKER = ".synthetic.json"
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
@@ -82,9 +87,33 @@ SYNTHETIC_TASKS: dict[str, Callable[[random.Random, int], dict[str, Any]]] = {
 }
 
 
-def _split_sizes(task: str, n_train: int, n_heldout: int) -> dict[str, int]:
-    from .datasets import TASKS
+def _choice_label(row: dict[str, Any]) -> int:
+    """QASC's label: the index of ``answerKey`` among the choice labels."""
+    return list(row["choices"]["label"]).index(row["answerKey"])
 
+
+def register() -> None:
+    """Register the generated tasks with ``nlp.datasets`` (idempotent; runs when this module is imported).
+
+    Rows are in the real readers' formats and prompted with the real templates, so the tasks exercise the same
+    code paths as the paper's tasks.
+    """
+    hint = "python -m nlp.synthetic --data-location {data_location}"
+    specs = [TaskSpec("synth_qa", "qasc", _choice_label, "val32", prepare_hint=hint),
+             TaskSpec("synth_para", "paws", lambda r: int(r["label"]), "own", prepare_hint=hint,
+                      int_fields=("id", "label")),
+             TaskSpec("synth_coref", "winogrande", lambda r: int(r["answer"]) - 1, "val32", prepare_hint=hint),
+             TaskSpec("synth_control", "rte", lambda r: int(r["label"]), "val32", prepare_hint=hint,
+                      int_fields=("idx", "label"))]
+    for spec in specs:
+        if spec.name not in TASKS:
+            register_task(spec)
+
+
+register()
+
+
+def _split_sizes(task: str, n_train: int, n_heldout: int) -> dict[str, int]:
     if TASKS.get(task).split_rule == "own":  # own validation and test splits
         return {"train": n_train, "validation": n_heldout // 2, "test": n_heldout // 2}
     return {"train": n_train, "validation": n_heldout}  # val = first 32 of shuffled validation, test = rest

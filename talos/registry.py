@@ -1,7 +1,10 @@
-"""A tiny name -> object registry used for every pluggable axis (modes, merges, datasets, models)."""
+"""A tiny name -> object registry used for every pluggable axis (modes, merges, datasets, models), and the
+loader of plugins: modules outside the library that register entries when imported."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+from types import ModuleType
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -55,3 +58,38 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+#: Environment variable naming plugin modules (comma-separated) for processes started without ``--plugins``.
+PLUGINS_ENV = "TALOS_PLUGINS"
+
+
+def plugin_names(value: str | Iterable[str] | None) -> list[str]:
+    """Module names from a comma-separated string or an iterable of names (blanks dropped, order kept)."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    return list(dict.fromkeys(n.strip() for n in items if n and n.strip()))
+
+
+def load_plugins(names: str | Iterable[str] | None) -> list[ModuleType]:
+    """Import each plugin module; a plugin registers its datasets (modes, merges, ...) when imported.
+
+    Plugins keep test and demo data out of the library: ``vision.datasets`` knows the paper's datasets only,
+    and ``--plugins vision.synthetic`` (or ``TALOS_PLUGINS=vision.synthetic``) adds the generated smoke
+    tasks. Importing a module twice is a no-op, so loading is idempotent. A name that is not an importable
+    module raises ``ValueError`` naming it; errors raised inside an existing plugin propagate unchanged.
+    """
+    modules = []
+    for name in plugin_names(names):
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            # Only the plugin itself (or a parent package) missing is "unknown"; a missing dependency of a
+            # plugin that exists is that plugin's own error and keeps its traceback.
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise
+            raise ValueError(f"unknown plugin {name!r}: no module named {e.name!r} (a plugin is an importable "
+                             "module that registers datasets when imported, e.g. vision.synthetic, "
+                             "vision.demo.tasks, nlp.synthetic)") from None
+    return modules

@@ -42,9 +42,10 @@ def test_defaults_equal_the_official_values(domain):
 
 
 def test_vision_presets_equal_the_official_values():
-    from vision.args import CALIBRATION_BATCH_SIZE, EPOCHS, TASKS
+    from vision.args import CALIBRATION_BATCH_SIZE, TASKS
+    from vision.datasets import epoch_preset
 
-    assert {t: EPOCHS[t] for t in TASKS} == OFFICIAL_EPOCHS
+    assert {t: epoch_preset(t) for t in TASKS} == OFFICIAL_EPOCHS
     assert CALIBRATION_BATCH_SIZE == OFFICIAL_CALIBRATION_BATCH
 
 

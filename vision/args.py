@@ -20,15 +20,8 @@ from talos.app.runs import RunPaths
 from talos.app.settings import StepSettings, merge_field
 from talos.config import Settings, derived, setting
 
-#: Fine-tuning epochs per dataset (task_vectors / paper setting).
-EPOCHS = {
-    "Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15, "SUN397": 14, "SVHN": 4,
-    # the 14- and 20-task suites: TALL-masks' presets (github:nik-dim/tall_masks, finetune.py `epochs`)
-    "CIFAR10": 6, "CIFAR100": 6, "STL10": 60, "Food101": 4, "Flowers102": 147, "FER2013": 10, "PCAM": 1,
-    "OxfordIIITPet": 82, "RenderedSST2": 39, "EMNIST": 2, "FashionMNIST": 5, "KMNIST": 5,
-    # generated datasets of the CPU smoke run
-    "SynthShapes": 2, "SynthColors": 2, "SynthStripes": 2, "SynthControl": 2,
-}
+from .datasets import epoch_preset, epoch_presets  # fine-tuning epochs: each dataset spec owns its preset
+
 #: Calibration batch size per model (official code); other models default to 16.
 CALIBRATION_BATCH_SIZE = {"ViT-B-32": 64, "ViT-B-16": 16, "ViT-L-14": 2}
 DEFAULT_CALIBRATION_BATCH_SIZE = 16
@@ -104,15 +97,13 @@ class VisionTraining(StepSettings):
     lr: float = setting(1e-5, "learning rate", low=0.0, open_low=True)
     wd: float = setting(0.1, "decoupled weight decay", low=0.0)
     warmup_length: int = setting(500, "linear warm-up steps before cosine decay", low=0)
-    epochs: int | None = setting(None, f"default: preset per dataset {EPOCHS}", low=1, kind=int)
+    epochs: int | None = setting(None, f"default: preset per dataset {epoch_presets()}", low=1, kind=int)
 
     def for_task(self, task: str) -> "VisionTraining":
         """The epochs preset of ``task`` filled in when ``--epochs`` is unset."""
         from dataclasses import replace
 
-        from .datasets import base_name
-
-        return self if self.epochs is not None else replace(self, epochs=EPOCHS.get(base_name(task)))
+        return self if self.epochs is not None else replace(self, epochs=epoch_preset(task))
 
 
 def _merge_defaults() -> dict[str, Any]:
@@ -124,7 +115,6 @@ def validate(cfg: flags.Config, need_train_dataset: bool = False) -> None:
     from talos.modes import MODES
 
     from .checkpoints import SOURCES
-    from .datasets import base_name
     from .models import check_model_name, official_leftover_entries, resolve_activation, text_ln_final_entries
 
     mode = MODES.get(cfg.finetuning_mode)
@@ -145,9 +135,9 @@ def validate(cfg: flags.Config, need_train_dataset: bool = False) -> None:
         raise ValueError(f"--grad-checkpointing cannot train {mode.name} (torch.func.jvp does not support "
                          "activation checkpointing); drop the flag for this mode")
     if need_train_dataset and cfg.epochs is None:
-        if base_name(cfg.train_dataset) not in EPOCHS:
+        if epoch_preset(cfg.train_dataset) is None:
             raise ValueError(f"no epoch preset for {cfg.train_dataset}; pass --epochs")
-        cfg.epochs = EPOCHS[base_name(cfg.train_dataset)]
+        cfg.epochs = epoch_preset(cfg.train_dataset)
     if cfg.calibration_batch_size is None:
         cfg.calibration_batch_size = CALIBRATION_BATCH_SIZE.get(cfg.model, DEFAULT_CALIBRATION_BATCH_SIZE)
 

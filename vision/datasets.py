@@ -22,11 +22,16 @@ Adding a dataset takes one spec and one registry line, e.g. for ``<location>/flo
     register_dataset(ImageFolderSpec("Flowers", "flowers", templates=["a photo of a {}, a type of flower."]))
 
 after which ``get_dataset("FlowersVal", "test", preprocess, location)`` works like the built-in tasks.
-Registered names must not end in ``Val`` (the suffix selects the validation split).
+Registered names must not end in ``Val`` (the suffix selects the validation split). A spec's ``epochs`` is its
+fine-tuning preset (what ``--epochs`` defaults to, :func:`epoch_preset`).
+
+This registry holds the paper's datasets and the TALL-masks suites only. Generated datasets (the smoke tasks,
+the toy world) register from outside as plugins, modules loaded by name (``talos.registry.load_plugins``, the
+scripts' ``--plugins``, e.g. ``--plugins vision.synthetic``).
 
 Nothing here touches the network: missing data raises :class:`DatasetNotFoundError` naming the path and
-the ``vision/prepare_datasets.py`` command that creates it. ``check`` only tests that paths exist, so
-scripts call :func:`check_datasets` before loading any model.
+the command that creates it (:meth:`DatasetSpec.prepare_hint`; ``vision/prepare_datasets.py`` by default).
+``check`` only tests that paths exist, so scripts call :func:`check_datasets` before loading any model.
 """
 from __future__ import annotations
 
@@ -43,7 +48,6 @@ from talos.registry import Registry
 
 from .classnames import CARS, FER2013, FLOWERS102, PCAM
 from .classnames import CIFAR10 as CIFAR10_CLASSES
-from .synthetic import SYNTHETIC_TASKS
 from .templates import TEMPLATES, get_templates
 
 __all__ = [
@@ -58,6 +62,8 @@ __all__ = [
     "is_val",
     "check_datasets",
     "dataset_labels",
+    "epoch_preset",
+    "epoch_presets",
     "get_dataset",
     "prepare_command",
     "register_dataset",
@@ -111,11 +117,12 @@ def prepare_command(name: str, location: Location) -> str:
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing: names the dataset, the exact path looked for, and the fix."""
 
-    def __init__(self, dataset: str, path: Location, location: Location, alternatives: Sequence[Path] = ()) -> None:
+    def __init__(self, dataset: str, path: Location, location: Location, alternatives: Sequence[Path] = (),
+                 command: str | None = None) -> None:
         self.dataset = dataset
         self.path = Path(path)
         self.location = Path(location)
-        self.command = prepare_command(dataset, location)
+        self.command = command if command is not None else prepare_command(dataset, location)
         also = f" (also accepted: {', '.join(map(str, alternatives))})" if alternatives else ""
         message = (
             f"dataset {dataset} not found: missing {self.path}{also}. "
@@ -131,7 +138,7 @@ class DatasetNotFoundError(FileNotFoundError):
         if len(errors) == 1:
             return errors[0]
         first = errors[0]
-        combined = cls(first.dataset, first.path, first.location)
+        combined = cls(first.dataset, first.path, first.location, command=first.command)
         combined.dataset = ", ".join(e.dataset for e in errors)
         combined.errors = list(errors)
         combined.args = (f"{len(errors)} datasets not found:\n" + "\n".join(f"  - {e}" for e in errors),)
@@ -217,18 +224,23 @@ class DatasetSpec:
     """How one dataset is laid out under ``--data-location``, checked, named and loaded.
 
     Subclasses implement :meth:`layouts` (the paths each accepted on-disk layout needs, preferred
-    layout first), :meth:`classnames` and :meth:`_build`.
+    layout first), :meth:`classnames` and :meth:`_build`. ``epochs``: the fine-tuning preset (None: the
+    dataset has none and ``--epochs`` is required); a dataset whose data is not made by
+    ``vision/prepare_datasets.py`` overrides :meth:`prepare_hint`.
     """
 
-    def __init__(self, name: str, subdir: str, templates: Sequence[str] | str) -> None:
+    def __init__(self, name: str, subdir: str, templates: Sequence[str] | str, *, epochs: int | None = None) -> None:
         if is_val(name):
             raise ValueError(f"dataset names must not end in {VAL_SUFFIX!r}: {name!r}")
         if isinstance(templates, str) and templates not in TEMPLATES:
             raise ValueError(f"templates must be a list of '{{}}' strings or a family in {list(TEMPLATES)}, "
                              f"got {templates!r}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"{name}: epochs must be >= 1, got {epochs}")
         self.name = name
         self.subdir = subdir
         self._templates = templates
+        self.epochs = epochs
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.subdir!r})"
@@ -264,7 +276,11 @@ class DatasetSpec:
         first_missing = [next(p for p in paths if not p.exists()) for paths in layouts]
         missing = first_missing[0]
         alternatives = list(dict.fromkeys(p for p in first_missing[1:] if p != missing))
-        raise DatasetNotFoundError(self.name, missing, location, alternatives)
+        raise DatasetNotFoundError(self.name, missing, location, alternatives, command=self.prepare_hint(location))
+
+    def prepare_hint(self, location: Location) -> str:
+        """The shell command that creates this dataset under ``location`` (named when it is missing)."""
+        return prepare_command(self.name, location)
 
     def classnames(self, location: Location) -> list[str]:
         """Class names in label order (what the zero-shot head is built from)."""
@@ -312,8 +328,9 @@ class ImageFolderSpec(DatasetSpec):
         test_dirs: Sequence[str] = ("test",),
         official: Sequence[str] | None = None,
         val_dirs: Sequence[str] = (),
+        epochs: int | None = None,
     ) -> None:
-        super().__init__(name, subdir, templates)
+        super().__init__(name, subdir, templates, epochs=epochs)
         self._classnames = classnames
         self.val_dirs = tuple(val_dirs)
         self.official = list(official) if official is not None else None
@@ -419,7 +436,7 @@ class _CarsSpec(DatasetSpec):
     FALLBACK = "stanford_cars_folder_based"
 
     def __init__(self) -> None:
-        super().__init__("Cars", "stanford_cars", "Cars")
+        super().__init__("Cars", "stanford_cars", "Cars", epochs=35)
         self._folder_spec = ImageFolderSpec("Cars", self.FALLBACK, "Cars", official=CARS)
 
     def layouts(self, location: Location) -> list[list[Path]]:
@@ -500,7 +517,7 @@ class _MNISTSpec(_NativeOrExport):
     FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
     def __init__(self) -> None:
-        super().__init__("MNIST", "MNIST", "MNIST")
+        super().__init__("MNIST", "MNIST", "MNIST", epochs=5)
 
     def _native_layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
@@ -520,7 +537,7 @@ class _SVHNSpec(_NativeOrExport):
     """torchvision SVHN under ``svhn/``: ``svhn/{train,test}_32x32.mat`` (needs scipy; label 10 -> digit 0)."""
 
     def __init__(self) -> None:
-        super().__init__("SVHN", "svhn", "SVHN")
+        super().__init__("SVHN", "svhn", "SVHN", epochs=4)
 
     def _native_layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
@@ -590,7 +607,7 @@ class _GTSRBSpec(_NativeOrExport):
     and ``gtsrb/GT-final_test.csv`` (test labels)."""
 
     def __init__(self) -> None:
-        super().__init__("GTSRB", "gtsrb", "GTSRB")
+        super().__init__("GTSRB", "gtsrb", "GTSRB", epochs=11)
 
     def _native_layouts(self, location: Location) -> list[list[Path]]:
         base = self.folder(location)
@@ -627,7 +644,7 @@ class _RESISC45Spec(DatasetSpec):
     IMAGES = "NWPU-RESISC45"
 
     def __init__(self) -> None:
-        super().__init__("RESISC45", "resisc45", "RESISC45")
+        super().__init__("RESISC45", "resisc45", "RESISC45", epochs=15)
 
     def split_file(self, split: str, location: Location) -> Path:
         return self.folder(location) / f"resisc45-{split}.txt"
@@ -692,8 +709,9 @@ class _TorchvisionSpec(DatasetSpec):
     """
 
     def __init__(self, name: str, subdir: str, tv_class: str, *, root: str, files: Sequence[str],
-                 splits: dict[str, dict[str, Any]], classes: Sequence[str] | None = None) -> None:
-        super().__init__(name, subdir, name)
+                 splits: dict[str, dict[str, Any]], classes: Sequence[str] | None = None,
+                 epochs: int | None = None) -> None:
+        super().__init__(name, subdir, name, epochs=epochs)
         self.tv_class, self.tv_root, self.files, self.splits = tv_class, root, tuple(files), splits
         self._classes = list(classes) if classes is not None else None
 
@@ -720,46 +738,48 @@ def _idx_files(prefix: str) -> list[str]:
 
 
 def _suite_specs() -> list[DatasetSpec]:
-    """The twelve datasets TALL-masks adds to the eight tasks (torchvision layouts, FER2013 from the HF Hub)."""
+    """The twelve datasets TALL-masks adds to the eight tasks (torchvision layouts, FER2013 from the HF Hub),
+    with TALL-masks' epoch presets (github:nik-dim/tall_masks, finetune.py ``epochs``)."""
     bool_split = {"train": {"train": True}, "test": {"train": False}}
     named_split = {"train": {"split": "train"}, "test": {"split": "test"}}
     return [
         _TorchvisionSpec("CIFAR10", "cifar-10-batches-py", "CIFAR10", root="", splits=bool_split,
-                         files=[*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"],
+                         epochs=6, files=[*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"],
                          classes=CIFAR10_CLASSES),
         _TorchvisionSpec("CIFAR100", "cifar-100-python", "CIFAR100", root="", splits=bool_split,
-                         files=["train", "test", "meta"]),
-        _TorchvisionSpec("STL10", "stl10", "STL10", root="stl10", splits=named_split,
+                         epochs=6, files=["train", "test", "meta"]),
+        _TorchvisionSpec("STL10", "stl10", "STL10", root="stl10", splits=named_split, epochs=60,
                          files=[f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin",
                                                               "class_names.txt")]),
         _TorchvisionSpec("Flowers102", "flowers102", "Flowers102", root="flowers102", splits=named_split,
-                         files=["flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
+                         epochs=147, files=["flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
                          classes=FLOWERS102),
         _TorchvisionSpec("OxfordIIITPet", "OxfordIIITPet", "OxfordIIITPet", root="OxfordIIITPet",
                          splits={"train": {"split": "trainval"}, "test": {"split": "test"}},
-                         files=["oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt",
-                                "oxford-iiit-pet/annotations/test.txt"]),
+                         epochs=82, files=["oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt",
+                                           "oxford-iiit-pet/annotations/test.txt"]),
         _TorchvisionSpec("PCAM", "PCAM", "PCAM", root="PCAM", splits=named_split, classes=PCAM,
-                         files=[f"pcam/camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "test")
-                                for xy in ("x", "y")]),
-        ImageFolderSpec("FER2013", "fer2013", "FER2013", official=FER2013),
+                         epochs=1, files=[f"pcam/camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "test")
+                                          for xy in ("x", "y")]),
+        ImageFolderSpec("FER2013", "fer2013", "FER2013", official=FER2013, epochs=10),
         _TorchvisionSpec("EMNIST", "EMNIST", "EMNIST", root="EMNIST",
                          splits={"train": {"split": "digits", "train": True},
                                  "test": {"split": "digits", "train": False}},
-                         files=[f"EMNIST/raw/emnist-digits-{s}-{k}-ubyte" for s in ("train", "test")
-                                for k in ("images-idx3", "labels-idx1")],
+                         epochs=2, files=[f"EMNIST/raw/emnist-digits-{s}-{k}-ubyte" for s in ("train", "test")
+                                          for k in ("images-idx3", "labels-idx1")],
                          classes=[str(d) for d in range(10)]),
         _TorchvisionSpec("FashionMNIST", "FashionMNIST", "FashionMNIST", root="FashionMNIST", splits=bool_split,
-                         files=_idx_files("FashionMNIST/raw/"),
+                         epochs=5, files=_idx_files("FashionMNIST/raw/"),
                          classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                                   "Sneaker", "Bag", "Ankle boot"]),
         _TorchvisionSpec("KMNIST", "KMNIST", "KMNIST", root="KMNIST", splits=bool_split,
-                         files=_idx_files("KMNIST/raw/"),
+                         epochs=5, files=_idx_files("KMNIST/raw/"),
                          classes=["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]),
         _TorchvisionSpec("Food101", "food101", "Food101", root="food101", splits=named_split,
-                         files=["food-101/images", "food-101/meta/train.json", "food-101/meta/test.json"]),
+                         epochs=4, files=["food-101/images", "food-101/meta/train.json", "food-101/meta/test.json"]),
         _TorchvisionSpec("RenderedSST2", "RenderedSST2", "RenderedSST2", root="RenderedSST2", splits=named_split,
-                         files=["rendered-sst2/train", "rendered-sst2/test"], classes=["negative", "positive"]),
+                         epochs=39, files=["rendered-sst2/train", "rendered-sst2/test"],
+                         classes=["negative", "positive"]),
     ]
 
 
@@ -828,19 +848,20 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     return DATASETS.register(spec.name)(spec)
 
 
+# The eight tasks with the paper's epoch presets (task_vectors' fine-tuning setting); ImageNet, the negation
+# control, is never fine-tuned.
 register_dataset(_CarsSpec())
-register_dataset(ImageFolderSpec("DTD", "dtd", "DTD", test_dirs=("test", "val")))
-register_dataset(ImageFolderSpec("EuroSAT", "EuroSAT_splits", "EuroSAT", _eurosat_names, val_dirs=("val",)))
+register_dataset(ImageFolderSpec("DTD", "dtd", "DTD", test_dirs=("test", "val"), epochs=76))
+register_dataset(ImageFolderSpec("EuroSAT", "EuroSAT_splits", "EuroSAT", _eurosat_names, val_dirs=("val",),
+                                 epochs=12))
 register_dataset(_GTSRBSpec())
 register_dataset(_MNISTSpec())
 register_dataset(_RESISC45Spec())
-register_dataset(ImageFolderSpec("SUN397", "sun397", "SUN397", _sun397_names, test_dirs=("test", "val")))
+register_dataset(ImageFolderSpec("SUN397", "sun397", "SUN397", _sun397_names, test_dirs=("test", "val"), epochs=14))
 register_dataset(_SVHNSpec())
 register_dataset(_ImageNetSpec())
 for _spec_ in _suite_specs():
     register_dataset(_spec_)
-for _name, _classes in SYNTHETIC_TASKS.items():
-    register_dataset(ImageFolderSpec(_name, _name, "Synthetic", _classes))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -851,6 +872,18 @@ def _spec(name: str) -> DatasetSpec:
         return DATASETS.get(base_name(name))
     except ValueError as e:
         raise ValueError(f"{e} (append {VAL_SUFFIX!r} to a name for its validation split)") from None
+
+
+def epoch_preset(name: str) -> int | None:
+    """The fine-tuning epochs preset of dataset ``name`` (``Val`` suffix ignored); None for an unknown name or
+    a dataset without one."""
+    base = base_name(name)
+    return DATASETS.get(base).epochs if base in DATASETS else None
+
+
+def epoch_presets() -> dict[str, int]:
+    """``{name: epochs}`` of every registered dataset that has a preset (the ``--epochs`` help lists them)."""
+    return {n: DATASETS.get(n).epochs for n in DATASETS.names() if DATASETS.get(n).epochs is not None}
 
 
 def check_datasets(names: Iterable[str], location: Location) -> None:
@@ -888,5 +921,3 @@ def get_dataset(name: str, split: str, transform: Callable | None, location: Loc
     train_idx, val_idx = split_train_val(len(full))
     return Subset(full, val_idx if (split == "test") else train_idx)
 
-
-from .demo import tasks as _demo_tasks  # noqa: E402,F401  (registers the demo world: ToyShape, ToyColor, ...)

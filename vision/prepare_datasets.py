@@ -34,6 +34,7 @@ from vision.datasets import (  # noqa: E402
     DATASETS, EUROSAT_CLASSNAMES, EXPECTED_COUNTS, SUITES, DatasetNotFoundError, base_name, dataset_labels,
     prepare_command,
 )
+# This script generates the smoke tasks too, so it loads their plugin (importing it registers them).
 from vision.synthetic import SYNTHETIC_TASKS, make_synthetic_datasets  # noqa: E402
 
 __all__ = ["main", "instructions", "PAPER_DATASETS", "SOURCES", "GROUPS", "verify"]

@@ -10,6 +10,11 @@ Four tasks, each deliberately driven by a different visual factor so that their 
 Factors that do not define a task's label are randomised, so every task is learnable only through its
 own factor. Files are written as ``<location>/<name>/{train,test}/<classname>/<index>.png`` (the layout
 ``vision.datasets`` reads for these names), and output is byte-identical for a given seed.
+
+This module is a plugin: importing it registers the four tasks with ``vision.datasets`` (fine-tuning preset
+:data:`EPOCHS`), which knows the paper's datasets only. Scripts load it by name::
+
+    python vision/finetune.py --plugins vision.synthetic --train-dataset SynthShapes ...
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-__all__ = ["SYNTHETIC_TASKS", "make_synthetic_datasets", "draw_image"]
+from vision.datasets import DATASETS, ImageFolderSpec, register_dataset
+
+__all__ = ["SYNTHETIC_TASKS", "EPOCHS", "make_synthetic_datasets", "draw_image", "register"]
 
 #: task name -> class names. Kept in sorted order so the class index equals ImageFolder's (sorted folders).
 SYNTHETIC_TASKS: dict[str, tuple[str, ...]] = {
@@ -31,6 +38,9 @@ SYNTHETIC_TASKS: dict[str, tuple[str, ...]] = {
     "SynthStripes": ("diagonal", "horizontal", "vertical"),
     "SynthControl": ("checkerboard", "dots", "gradient", "noise"),
 }
+
+#: Fine-tuning epochs preset of every synthetic task (the CPU smoke run's setting).
+EPOCHS = 2
 
 _MARKER = ".synthetic.json"  # written into each task folder; lets a re-run safely replace its own output
 
@@ -210,3 +220,13 @@ def make_synthetic_datasets(
         (folder / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
         out[name] = folder
     return out
+
+
+def register() -> None:
+    """Register every synthetic task with ``vision.datasets`` (idempotent; runs when this module is imported)."""
+    for name, classes in SYNTHETIC_TASKS.items():
+        if name not in DATASETS:
+            register_dataset(ImageFolderSpec(name, name, "Synthetic", classes, epochs=EPOCHS))
+
+
+register()

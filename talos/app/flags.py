@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..config import Settings, specs_of
+from ..registry import PLUGINS_ENV, load_plugins
 from .settings import (EvaluationSettings, FigureSettings, RunSettings, StepSettings, merge_field, merge_group,
                        method_group)
 
@@ -206,6 +208,7 @@ def parse(domain: Domain, argv: Sequence[str] | None = None, *, need_train_datas
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = config_from_namespace(domain, parser.parse_args(argv), argv)
     try:
+        load_plugins(cfg.plugins if cfg.plugins is not None else os.environ.get(PLUGINS_ENV))  # before the checks
         check_config(cfg, need_train_dataset=need_train_dataset)
     except ValueError as e:
         parser.error(str(e))

@@ -62,6 +62,9 @@ class RunSettings(Settings):
     stop_after: int | None = setting(None, "stop fine-tuning after this many optimizer steps, checkpoint kept "
                                      "(simulates an interruption; rerun without it to resume)", low=1, hashed=False,
                                      kind=int)
+    plugins: list | None = setting(None, "comma-separated modules that register extra datasets when imported, loaded "
+                                   "before validation (e.g. vision.synthetic, vision.demo.tasks; default: "
+                                   "$TALOS_PLUGINS)", csv=True, kind=list, hashed=False)
 
 
 @dataclass

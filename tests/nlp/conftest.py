@@ -9,12 +9,14 @@ from nlp.datasets import clear_cache
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
-    """Generated synthetic tasks (small) and the word-level tokenizer trained on them: (data dir, tokenizer dir)."""
-    from nlp.synthetic import build_tokenizer, corpus, make_synthetic_tasks
+    """Generated synthetic tasks (small) and the word-level tokenizer trained on them: (data dir, tokenizer dir).
+    Loads their plugin (``nlp.synthetic`` registers the ``synth_*`` tasks, as ``--plugins`` does)."""
+    from talos.registry import load_plugins
 
+    (synthetic,) = load_plugins(["nlp.synthetic"])
     loc = tmp_path_factory.mktemp("nlp_data")
-    make_synthetic_tasks(loc, n_train=48, n_heldout=40)
-    build_tokenizer(corpus(loc), loc / "tokenizer")
+    synthetic.make_synthetic_tasks(loc, n_train=48, n_heldout=40)
+    synthetic.build_tokenizer(synthetic.corpus(loc), loc / "tokenizer")
     return loc, loc / "tokenizer"
 
 

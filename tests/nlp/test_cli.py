@@ -28,7 +28,7 @@ def common(synth, save, *extra, model="talos-tiny-t5"):
             "--num-grad-accumulation", "2", "--num-steps", "4", "--lr", "1e-2", "--max-seq-len", "64",
             "--calibration-batch-size", "16", "--calibration-batches", "1", "--calibration-rounds", "2",
             "--eval-batch-size", "64", "--attn-implementation", "eager", "--device", "cpu", "--no-progress",
-            "--n-eval-points", "3", "--lora-rank", "2", *extra]
+            "--n-eval-points", "3", "--lora-rank", "2", "--plugins", "nlp.synthetic", *extra]
 
 
 def run_dir(save, mode, task, model="talos-tiny-t5"):

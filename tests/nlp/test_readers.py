@@ -256,3 +256,14 @@ def test_storycloze_accepts_a_sharded_parquet_copy(tmp_path, layout):
     assert [r["story_id"] for r in train] == ["validation-0-0", "validation-0-1", "validation-1-0", "validation-1-1"]
     assert len(get_rows("story_cloze", "val", **kw)) == 32 and len(get_rows("story_cloze", "test", **kw)) == 8
     assert [e.label for e in get_examples("story_cloze", "train", **kw)] == [0, 1, 0, 1]
+
+
+def test_generated_task_names_its_generator_when_missing(tmp_path):
+    """A plugin's task carries its own hint (TaskSpec.prepare_hint): the generator, not a hub download."""
+    from talos.registry import load_plugins
+
+    load_plugins(["nlp.synthetic"])
+    with pytest.raises(TaskDataError) as info:
+        D.check_tasks(["synth_qa"], data_location=str(tmp_path))
+    assert f"generate it with: python -m nlp.synthetic --data-location {tmp_path}" in str(info.value)
+    assert "huggingface-cli" not in str(info.value)

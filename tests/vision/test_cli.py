@@ -22,7 +22,8 @@ def common(data, save, *extra):
     return ["--model", "talos-tiny-vit", "--pretrained", "none", "--data-location", str(data), "--save", str(save),
             "--eval-datasets", TASKS, "--control-dataset", "SynthControl", "--batch-size", "16", "--lr", "1e-3",
             "--warmup-length", "2", "--epochs", "2", "--calibration-batch-size", "8", "--eval-batch-size", "64",
-            "--num-workers", "0", "--device", "cpu", "--no-progress", "--n-eval-points", "3", *extra]
+            "--num-workers", "0", "--device", "cpu", "--no-progress", "--n-eval-points", "3",
+            "--plugins", "vision.synthetic", *extra]
 
 
 def run_dir(save, mode, task):

@@ -176,7 +176,7 @@ def test_check_datasets_reports_every_missing_dataset_once(tmp_path):
 
 def test_check_is_cheap_and_loads_no_model(tmp_path):
     code = (
-        "import sys; from vision.datasets import check_datasets, DatasetNotFoundError\n"
+        "import sys; import vision.synthetic; from vision.datasets import check_datasets, DatasetNotFoundError\n"
         f"try: check_datasets(['ImageNetVal', 'Cars', 'SynthShapes'], {str(tmp_path)!r})\n"
         "except DatasetNotFoundError as e: print(len(e.errors))\n"
         "print('open_clip' in sys.modules)\n"

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from talos.registry import load_plugins
 from vision.demo import CHECKPOINT, MODEL
 from vision.demo import world as W
+
+
+@pytest.fixture
+def toy_tasks():
+    """The demo's tasks registered (they are a plugin: ``vision.datasets`` does not know them)."""
+    load_plugins(["vision.demo.tasks"])
 
 
 # ----------------------------------------------------------------------------------------------- world
@@ -80,7 +87,7 @@ def test_task_class_words_appear_in_captions():
             assert all(word in cap.replace(",", "").split() for word in name.split()), (task.name, name, cap)
 
 
-def test_write_tasks_layout_and_determinism(tmp_path):
+def test_write_tasks_layout_and_determinism(tmp_path, toy_tasks):
     from vision.datasets import get_dataset
 
     a = W.write_tasks(tmp_path / "a", ["ToyCount", "ToyGlyph"], n_train=24, n_test=12, seed=3)
@@ -207,7 +214,7 @@ def test_held_out_words_are_never_captioned_in_either_world():
 
 
 # ----------------------------------------------------------------------------------------------- tasks
-def test_tasks_are_registered_with_templates_and_classnames(tmp_path):
+def test_tasks_are_registered_with_templates_and_classnames(tmp_path, toy_tasks):
     from vision.datasets import DATASETS, DatasetNotFoundError, check_datasets
 
     assert set(W.WORLDS) == {"disjoint", "overlapping"}
@@ -221,8 +228,9 @@ def test_tasks_are_registered_with_templates_and_classnames(tmp_path):
         assert spec.templates and all(t.count("{}") == 1 for t in spec.templates)
         folders = [W.class_folder(task, i) for i in range(task.n_classes)]
         assert sorted(folders) == folders  # ImageFolder's sorted order is the label order
-    with pytest.raises(DatasetNotFoundError, match="python -m vision.demo.world"):
+    with pytest.raises(DatasetNotFoundError, match="python -m vision.demo.world") as info:
         check_datasets(["ToyShape"], tmp_path)
+    assert info.value.command == f"python -m vision.demo.world --data-location {tmp_path}"  # the spec's hint
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint

@@ -358,13 +358,13 @@ def test_suite_datasets_load_through_torchvision(tmp_path, monkeypatch, name, tv
 
 
 def test_every_suite_dataset_has_sources_templates_counts_and_epochs():
-    from vision.args import EPOCHS
+    from vision.datasets import epoch_preset
 
     for name in prepare_datasets.GROUPS["suite20"]:
         assert prepare_datasets.SOURCES[name] and DATASETS.get(name).templates
         assert EXPECTED_COUNTS[name]["train"][0] == EXPECTED_COUNTS[name]["test"][0]
-        assert EPOCHS[name] >= 1
-    assert (EPOCHS["Flowers102"], EPOCHS["PCAM"], EPOCHS["STL10"]) == (147, 1, 60)  # TALL-masks finetune.py
+        assert epoch_preset(name) >= 1 and epoch_preset(name + "Val") == epoch_preset(name)
+    assert [epoch_preset(n) for n in ("Flowers102", "PCAM", "STL10")] == [147, 1, 60]  # TALL-masks finetune.py
 
 
 def test_list_and_group_and_source_errors(tmp_path, capsys):

@@ -53,7 +53,7 @@ def reference(data, tmp_path_factory):
 def _killed(data, save, patch: str, *extra) -> int:
     """Run finetune.py in a second process that SIGKILLs itself where ``patch`` says; returns its exit code."""
     code = f"import os, signal, sys\n{patch}\nfrom vision import finetune\nfinetune.main(sys.argv[1:])\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TALOS_PLUGINS": "vision.synthetic"}  # (the flag's env form)
     return subprocess.run([sys.executable, "-c", code, *common(data, save, *TASK, *extra)], env=env,
                           capture_output=True, timeout=300).returncode
 

@@ -5,8 +5,9 @@ the TaLoS pipeline (fine-tuning modes, addition, negation, merges, figures) on a
     bash launch_scripts/demo.sh out/demo-overlapping --world overlapping   # shared-scene world
 
 Modules: ``domains`` (the disjoint world's seven image domains), ``world`` (the overlapping world's scenes,
-both worlds' task registry, task image folders), ``tasks`` (dataset registration), ``pretrain`` (the toy
-CLIP's contrastive pre-training), ``run`` (the pipeline driver), ``figures``.
+both worlds' task registry, task image folders), ``tasks`` (the dataset plugin the scripts load with
+``--plugins vision.demo.tasks``), ``pretrain`` (the toy CLIP's contrastive pre-training), ``run`` (the
+pipeline driver), ``figures``.
 """
 from pathlib import Path
 

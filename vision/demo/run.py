@@ -86,7 +86,8 @@ def common_args(out: Path, checkpoint: str, tasks: list[str], control: str, s: d
             "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
             "--warmup-length", str(s["warmup"]), "--calibration-batch-size", str(s["calibration_batch_size"]),
             "--eval-batch-size", str(s["eval_batch_size"]), "--n-eval-points", str(s["n_eval_points"]),
-            "--num-workers", "0", "--device", "cpu", "--results-json", str(out / "results.json")]
+            "--num-workers", "0", "--device", "cpu", "--results-json", str(out / "results.json"),
+            "--plugins", "vision.demo.tasks"]  # the demo's tasks are a dataset plugin, not library datasets
 
 
 def plan(out: Path, checkpoint: str, tasks: list[str], control: str, modes: list[str], merges: list[str],
