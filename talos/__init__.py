@@ -24,7 +24,7 @@ from .io import (
 )
 from .optim import MaskedAdamW, freeze_masked_out, masked_state_bytes
 from .paths import EvalRun, FinetuneRun, hparams_hash, head_path, slug
-from .protocols import (
+from .coefficients import (
     accuracy,
     choose_addition_coef,
     choose_negation_coef,

@@ -1,7 +1,7 @@
 """First-order Taylor models: f_lin(x; θ) = f(x; θ0) + J_θ f(x; θ0) · (θ − θ0), via ``torch.func.jvp``.
 
 Used to train linearized fine-tuning (Ortiz-Jimenez et al. 2023) and to evaluate task vectors through the
-linearized model (post-hoc linearization). (L-LoRA linearizes only its adapter branch: ``talos.lora``.)
+linearized model (post-hoc linearization). (L-LoRA linearizes only its adapter branch: ``talos.lora_layers``.)
 Fused attention kernels have no forward-mode rule, so attention runs on the math path inside the JVP.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist
-from . import evaluation
+from . import protocols
 from .calibration import format_mask_report, mask_report
 from .io import (RunLock, atomic_write_json, check_artifact, forget_artifact, load_tensors, read_json,
                  record_artifact, save_tensors)
@@ -221,7 +221,7 @@ class ParameterEditor:
 
 
 class EditEvaluator:
-    """``evaluate(edit, task, split) -> accuracy`` (talos.evaluation's interface) on top of a live model.
+    """``evaluate(edit, task, split) -> accuracy`` (talos.protocols' interface) on top of a live model.
 
     ``accuracy(model, task, split)`` evaluates whatever module it is given: the model itself, or with
     ``linearized`` its first-order Taylor expansion around θ0 (linear FT, post-hoc). Zero-shot
@@ -289,11 +289,11 @@ def per_task_table(protocol: str, result: Mapping[str, Any]) -> tuple[list[str],
     raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
 
 
-def _single_task(ev: evaluation.Evaluate, tvs: Mapping[str, TaskVector], run: EvalRun) -> dict[str, Any]:
+def _single_task(ev: protocols.Evaluate, tvs: Mapping[str, TaskVector], run: EvalRun) -> dict[str, Any]:
     """Single-task results, read from their run folder when single-task evaluation already ran."""
     if _trusted(run.results):
         return read_json(run.results)
-    res = evaluation.single_task(ev, tvs)
+    res = protocols.single_task(ev, tvs)
     res["task_vector_density"] = {t: tv.density() for t, tv in tvs.items()}
     if dist.is_main():
         _save_artifact(run.results, lambda p: atomic_write_json(p, res))
@@ -308,7 +308,7 @@ def run_protocol(
     single_task_run: EvalRun,
     mode: str,
     load_task_vectors: Callable[[], dict[str, TaskVector]],
-    make_evaluator: Callable[[], evaluation.Evaluate],
+    make_evaluator: Callable[[], protocols.Evaluate],
     control: str | None = None,
     merge: str = "sum",
     merge_kwargs: Mapping[str, Any] | None = None,
@@ -344,12 +344,12 @@ def run_protocol(
             result = _single_task(ev, tvs, run)
         elif protocol == "addition":
             st = _single_task(ev, tvs, single_task_run)
-            result = evaluation.task_addition(
+            result = protocols.task_addition(
                 ev, tvs, {"val": st["val"]["finetuned"], "test": st["test"]["finetuned"]}, merge_method=merge,
                 merge_kwargs=merge_kwargs, n_points=n_points,
                 on_point=lambda a, accs: tracker.log({f"addition/val/{t}": v for t, v in accs.items()}))
         else:
-            result = evaluation.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points,
+            result = protocols.task_negation(ev, tvs, control, threshold=threshold, n_points=n_points,
                                               merge_method=merge, merge_kwargs=merge_kwargs)
         if dist.is_main():
             _save_artifact(run.results, lambda p: atomic_write_json(p, result))

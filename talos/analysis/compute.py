@@ -1,6 +1,6 @@
 """The numbers behind the paper's figures, computed from task vectors, masks and run results (no plotting).
 
-Every function takes the evaluation interface of :mod:`talos.evaluation` (``evaluate(edit, task, split) ->
+Every function takes the evaluation interface of :mod:`talos.protocols` (``evaluate(edit, task, split) ->
 accuracy``, θ0 + edit, None = zero-shot) or a ``predict(edit, task, split) -> class indices`` of the same
 shape, so the figures measure models exactly as the protocols do.
 """
@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..protocols import disentanglement_error
+from ..coefficients import disentanglement_error
 from ..task_vector import TaskVector
 
 __all__ = ["XI_ALPHAS", "SPARSITIES", "combination", "accuracy_ratios", "disentanglement", "linearized_behaviour",
@@ -49,7 +49,7 @@ def accuracy_ratios(evaluate: Evaluate, tvs: Mapping[str, TaskVector], tasks: Se
 
 def disentanglement(predict: Predict, tv1: TaskVector, tv2: TaskVector, pair: Sequence[str],
                     alphas: Sequence[float] = XI_ALPHAS, split: str = "test") -> Tensor:
-    """Fig. 2: ξ(α1, α2) on ``pair``'s ``split`` (:func:`talos.protocols.disentanglement_error`), shape [A, A]."""
+    """Fig. 2: ξ(α1, α2) on ``pair``'s ``split`` (:func:`talos.coefficients.disentanglement_error`), shape [A, A]."""
     def pred(a1: float, a2: float, t: int) -> Tensor:
         return predict(combination((tv1, tv2), (a1, a2)), pair[t], split)
 

@@ -6,7 +6,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 from .. import distributed as dist
-from ..evaluation import Evaluate
+from ..protocols import Evaluate
 from ..modes import get_mode
 from .flags import Config
 from .jobs import evaluate

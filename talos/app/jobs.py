@@ -17,7 +17,7 @@ from ..tracking import Tracker
 from .runs import RunPaths, resolved_settings
 
 if TYPE_CHECKING:
-    from ..evaluation import Evaluate
+    from ..protocols import Evaluate
     from .flags import Config
 
 logger = logging.getLogger("talos")

@@ -8,7 +8,7 @@ from torch import Tensor
 from dataclasses import dataclass
 
 from ..config import Settings, setting
-from ..lora import INITS, LoRAAdapters
+from ..lora_layers import INITS, LoRAAdapters
 from ..task_vector import TaskVector
 from ..train import setup_trainable
 from .base import FinetuneMode, ModeContext, TrainState, register_mode

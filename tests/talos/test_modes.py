@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from talos.linearize import LinearizedModel
-from talos.lora import LoRAAdapters
+from talos.lora_layers import LoRAAdapters
 from talos.modes import MODES, ModeContext, SparseSettings, get_mode, global_lowest
 from talos.modes.lora import LoRASettings
 from talos.task_vector import TaskVector

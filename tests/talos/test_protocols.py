@@ -1,10 +1,10 @@
-"""Tests for talos.protocols on hand-made accuracy tables with hand-computed answers."""
+"""Tests for talos.coefficients and talos.protocols on hand-made accuracy tables with hand-computed answers."""
 from collections import Counter
 
 import pytest
 import torch
 
-from talos.protocols import (accuracy, choose_addition_coef, choose_negation_coef, coefficient_grid,
+from talos.coefficients import (accuracy, choose_addition_coef, choose_negation_coef, coefficient_grid,
                              disentanglement_error, normalized_accuracy, summarize_addition, summarize_negation)
 
 
@@ -217,7 +217,7 @@ def test_disentanglement_bad_inputs():
 
 def test_task_negation_subtracts_the_merge_version_of_each_vector() -> None:
     """With a merge, negation evaluates θ0 − α · negation_edits(...)[t]; 'accuracy' here is a readout of the edit."""
-    from talos.evaluation import task_negation
+    from talos.protocols import task_negation
     from talos.merges import negation_edits
     from talos.task_vector import TaskVector
 
@@ -257,7 +257,7 @@ def test_per_task_table_rows() -> None:
 def test_official_addition_normalises_by_the_merges_own_single_task_edits() -> None:
     """The official merge scripts divide by ``*_ft_accuracies.json``: the accuracy of the merge's single-task edit
     at coefficient 1, not the fine-tuned accuracy passed in. 'Accuracy' is a readout of the edit's L1 norm."""
-    from talos.evaluation import task_addition
+    from talos.protocols import task_addition
     from talos.merges import normalizer_edits
     from talos.task_vector import TaskVector
 
