@@ -74,7 +74,8 @@ def test_every_mode_x_merge_result_lands_in_results_json(tmp_path, merge_modes):
     want = {m if mode == "standard" else f"{m} ({mode})" for mode in merge_modes for m in MERGES.names()
             if mode == "standard" or m != "sum"}
     assert set(res["merges"]) == set(res["negation_merges"]) == want
-    assert res["merges"]["sum"] == res["addition"]["standard"] and res["negation_merges"]["sum"] == res["negation"]["standard"]
+    assert res["merges"]["sum"] == res["addition"]["standard"]
+    assert res["negation_merges"]["sum"] == res["negation"]["standard"]
     assert set(res["addition"]) == set(res["negation"]) == {"standard", "talos"}
 
 
@@ -183,12 +184,13 @@ def test_gpu_runner_one_task_per_gpu_with_logs(tmp_path, monkeypatch):
 
 
 def test_gpu_runner_a_failed_finetune_stops_the_sweep(tmp_path, monkeypatch):
-    cmds = _recorded(tmp_path, monkeypatch, fail_task="B")
+    cmds = _recorded(tmp_path, monkeypatch, fail_task="A")
     layout = GpuLayout(2, log_dir=tmp_path)
-    with pytest.raises(SweepError, match=r"finetune standard B: exit status 3 \(log: .*standard-B.log\)"):
+    with pytest.raises(SweepError, match=r"finetune standard A: exit status 3 \(log: .*standard-A.log\)"):
         sweep.run_gpus(cmds, layout, announce=lambda s: None)
     calls = _calls(tmp_path)
-    assert "1|--fail finetune standard B" in calls and not any("single_task" in c or "talos" in c for c in calls)
+    assert "0|--fail finetune standard A" in calls and "1|finetune standard B" in calls  # (already running)
+    assert not any("standard C" in c or "single_task" in c or "talos" in c for c in calls)  # nothing new starts
 
 
 def test_gpu_runner_without_gpus_and_with_torchrun(tmp_path, monkeypatch):
