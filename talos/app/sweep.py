@@ -319,12 +319,14 @@ def run_gpus(cmds: Sequence[Command], layout: GpuLayout, announce: Callable[[str
     """Run the commands in order, each group of fine-tunes spread over the GPUs as ``layout`` says."""
     for group in parallel_groups(cmds):
         placed = layout.placement(group)
-        for line in gpu_lines(placed, layout):
-            announce(line)
+        lines = gpu_lines(placed, layout)
         if placed[0][1] is not None:
+            for line in lines:
+                announce(line)
             _run_on_gpus(placed, layout)  # type: ignore[arg-type]  (every GPU is set in a spread group)
             continue
-        for cmd, _ in placed:
+        for (cmd, _), line in zip(placed, lines):
+            announce(line)
             multi = isinstance(cmd.step, Finetune) and layout.nproc_per_task > 1
             run_subprocess(cmd, launcher=torchrun(layout.nproc_per_task) if multi else ())
 
@@ -335,7 +337,7 @@ def gpu_lines(placed: Sequence[tuple[Command, int | None]], layout: GpuLayout) -
     for cmd, gpu in placed:
         if gpu is not None:
             lines.append(f"CUDA_VISIBLE_DEVICES={gpu} {cmd.shell()} > {shlex.quote(str(layout.log(cmd.step)))} 2>&1"
-                         f"  # GPU {gpu}, beside the other GPUs")
+                         f"  # in parallel with the other GPUs")
         elif isinstance(cmd.step, Finetune) and layout.nproc_per_task > 1:
             lines.append(shlex.join(["python", *torchrun(layout.nproc_per_task), *cmd.args()[1:]]))
         else:

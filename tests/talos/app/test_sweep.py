@@ -214,7 +214,7 @@ def test_subprocess_runner_raises_on_failure(tmp_path, monkeypatch):
 
 
 def test_in_process_runner_calls_main_in_order_and_stops_at_a_failure(tmp_path, monkeypatch):
-    pkg = tmp_path / "fakedomain"
+    pkg = tmp_path / "fake_sweep_domain"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "finetune.py").write_text(
@@ -222,12 +222,12 @@ def test_in_process_runner_calls_main_in_order_and_stops_at_a_failure(tmp_path, 
         "    if '--fail' in argv:\n        raise KeyError('boom')\n"
         "    return {'interrupted': '--stop' in argv}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    cmd = lambda *argv: Command("ft", "fakedomain/finetune.py", argv, Finetune("m", "t"))
+    cmd = lambda *argv: Command("ft", "fake_sweep_domain/finetune.py", argv, Finetune("m", "t"))
     shown = []
     sweep.run_sequence([cmd("--a", "x y"), cmd("--b")], sweep.run_in_process, announce=shown.append)
-    import fakedomain.finetune as mod
+    import fake_sweep_domain.finetune as mod
 
-    assert mod.CALLS == [["--a", "x y"], ["--b"]] and shown[0] == "+ python fakedomain/finetune.py --a 'x y'"
+    assert mod.CALLS == [["--a", "x y"], ["--b"]] and shown[0] == "+ python fake_sweep_domain/finetune.py --a 'x y'"
     with pytest.raises(KeyError):
         sweep.run_sequence([cmd("--fail"), cmd("--never")], sweep.run_in_process, announce=shown.append)
     assert mod.CALLS[-1] == ["--fail"]
