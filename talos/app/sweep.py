@@ -368,14 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--suite", help="a named task suite (vision: 8, 14, 20; nlp: 7)")
     p.add_argument("--modes", help="comma-separated fine-tuning modes (default: every registered mode that trains)")
     p.add_argument("--merges", help="comma-separated merges (default: every registered merge)")
-    p.add_argument("--merge-modes", default="standard", help="modes whose task vectors every merge combines")
+    p.add_argument("--merge-modes", default="standard", help="comma-separated modes whose task vectors every merge combines (default: standard)")
     p.add_argument("--results", required=True, help="results.json every evaluation writes into")
     p.add_argument("--report", help="markdown report (default: RESULTS with .md)")
     p.add_argument("--fresh", action="store_true",
                    help="delete RESULTS first (the evaluations re-add their rows from their finished runs)")
     p.add_argument("--run", default="subprocess", choices=RUNNERS,
                    help="inprocess: every script's main(argv) in this process; subprocess: one process each; "
-                        "gpus: a mode's fine-tunes spread over the GPUs")
+                        "gpus: a mode's fine-tunes spread over the GPUs (default: subprocess)")
     p.add_argument("--ngpu", type=int, default=None, help="gpus: GPUs to spread over (default: nvidia-smi -L)")
     p.add_argument("--nproc-per-task", type=int, default=1, help="gpus: run each fine-tune on K GPUs (torchrun)")
     p.add_argument("--log-dir", help="gpus: folder of the fine-tune logs (default: RESULTS' folder)")
@@ -398,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = build_plan(a.domain, tasks or [], modes=_split_csv(a.modes), merges=_split_csv(a.merges),
                           merge_modes=_split_csv(a.merge_modes) or [])
         cmds = commands(plan, common, a.results, a.report)
+        if a.nproc_per_task < 1 or (a.ngpu is not None and a.ngpu < 0):
+            raise ValueError("--nproc-per-task must be at least 1 and --ngpu at least 0")
     except ValueError as e:
         p.error(str(e))
     results = Path(a.results)
