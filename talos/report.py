@@ -4,9 +4,14 @@ Schema::
     {"single_task": {mode: {task: acc}},
      "addition": {mode: {"absolute", "normalized", "coef"}},
      "negation": {mode: {"target", "control", "coef"}},
-     "merges": {merge: {"absolute", "normalized", "coef"}},
-     "negation_merges": {merge: {"target", "control", "coef"}},
+     "merges": {merge_key: {"absolute", "normalized", "coef"}},
+     "negation_merges": {merge_key: {"target", "control", "coef"}},
      "task_vector_density": {mode: {task: fraction of nonzero entries over the fine-tuned tensors}}}
+
+Every mode x merge result has its row: ``addition`` / ``negation`` hold each mode's own (``sum``) row; the merge
+sections hold every other merge of every mode, keyed ``merge`` for the standard task vectors and
+``"merge (mode)"`` for another mode's (``"ties (talos)"``), plus ``sum`` of the standard (and imported) vectors
+as the baseline row of the merge tables.
 
 Evaluation scripts given ``--results-json PATH`` merge their section into that file (atomically).
 """
@@ -58,10 +63,11 @@ def to_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {mode} | " + " | ".join(_pct(accs.get(t)) for t in tasks) + " |")
         lines.append("")
     for section, title, cols in (("addition", "Task addition", ("absolute", "normalized", "coef")),
-                                 ("merges", "Merges of standard task vectors (addition)", ("absolute", "normalized", "coef")),
+                                 ("merges", "Merges (addition; standard task vectors unless the row names a mode)",
+                                  ("absolute", "normalized", "coef")),
                                  ("negation", "Task negation", ("target", "control", "coef")),
-                                 ("negation_merges", "Merges of standard task vectors (negation)",
-                                  ("target", "control", "coef"))):
+                                 ("negation_merges", "Merges (negation; standard task vectors unless the row names a "
+                                  "mode)", ("target", "control", "coef"))):
         rows = results.get(section, {})
         if not rows:
             continue

@@ -259,13 +259,13 @@ def export_results(path: str, protocol: str, mode: str, result: Mapping[str, Any
         row = {k: result[k] for k in ("absolute", "normalized", "coef")}
         if merge == "sum":
             update_results(path, "addition", mode, row)
-        if mode == "standard" or mode.startswith("imported:"):  # the dense baselines of the merges
+        if merge != "sum" or mode == "standard" or mode.startswith("imported:"):  # every mode x merge lands
             update_results(path, "merges", merge if mode == "standard" else f"{merge} ({mode})", row)
     elif protocol == "negation":
         row = {k: result[k] for k in ("target", "control", "coef")}
         if merge == "sum":
             update_results(path, "negation", mode, row)
-        if mode == "standard" or mode.startswith("imported:"):
+        if merge != "sum" or mode == "standard" or mode.startswith("imported:"):
             update_results(path, "negation_merges", merge if mode == "standard" else f"{merge} ({mode})", row)
     else:
         raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")

@@ -154,7 +154,7 @@ def _args(tmp_path, **over):
 
     from talos.analysis.figures import AnalysisSettings
     from talos.app.flags import parse
-    from tests.talos.test_app import TOY
+    from tests.talos.app.test_flags import TOY
 
     analysis = dict(figure="accuracy_ratio", modes=None, sparsities=[0.9])
     analysis.update({k: over.pop(k) for k in list(over) if k in AnalysisSettings.__dataclass_fields__})
@@ -168,7 +168,7 @@ def _args(tmp_path, **over):
 
 def _domain():
     from talos.analysis import AnalysisDomain
-    from tests.talos.test_app import RUNS, TOY
+    from tests.talos.app.test_flags import RUNS, TOY
 
     def load(args):
         raise AssertionError("model loaded")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from talos.modes import MODES, get_mode, run_order
-from tests.talos.test_app import RUNS, _parse
+from tests.talos.app.test_flags import RUNS, _parse
 
 
 def _cfg(*argv: str, **kw):

@@ -205,7 +205,7 @@ def test_variants_validate_and_flags_carry_the_variant():
     from dataclasses import replace
 
     from talos.app.flags import parse
-    from tests.talos.test_app import TOY
+    from tests.talos.app.test_flags import TOY
 
     vecs = _tv(_vectors())
     with pytest.raises(ValueError, match="valid choices: paper, official"):

@@ -18,7 +18,7 @@ from talos.app import checks
 from talos.report import update_results
 from talos.rng import SeededDataset, stream_seed
 from talos.train import DivergenceError, TrainConfig, setup_trainable, train
-from tests.talos.test_app import _parse
+from tests.talos.app.test_flags import _parse
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,11 +13,12 @@ and every merge in ``talos.merges.MERGES`` (new ones are picked up automatically
 Steps, each printed as the equivalent shell command before it runs:
 
 1. ``python -m vision.demo.world``: the task image folders under ``OUTDIR/data`` (seeded, cached).
-2. For every mode: ``vision/finetune.py`` once per task (calibration + fine-tuning), then
-   ``vision/eval_single_task.py``, ``vision/eval_task_addition.py`` and ``vision/eval_task_negation.py``.
-3. For every merge: ``vision/eval_task_addition.py --finetuning-mode standard --merge M``
-   and (but ``sum``) ``vision/eval_task_negation.py`` with the same flags.
-4. ``python -m talos.report`` (results.md) and ``python -m vision.demo.figures`` (PNGs, diagnostics.json).
+2.-4. The sweep plan of :mod:`talos.app.sweep`, the one the launch scripts run: for every mode (after the
+   modes it requires) ``vision/finetune.py`` once per task (calibration + fine-tuning), then
+   ``vision/eval_single_task.py``, ``vision/eval_task_addition.py`` and ``vision/eval_task_negation.py``; for
+   every merge but ``sum`` (the standard mode's own rows) ``vision/eval_task_addition.py`` and
+   ``vision/eval_task_negation.py --finetuning-mode standard --merge M``; ``python -m talos.report`` (results.md).
+5. ``python -m vision.demo.figures`` (PNGs, diagnostics.json).
 
 All of them load the committed toy CLIP (``--model talos-toy-clip --pretrained vision/demo/toy_clip.safetensors``).
 By default the scripts' ``main(argv)`` run in this one process (importing torch and open_clip ~90 times
@@ -28,17 +29,19 @@ goes on with the others; the exit status is 1 if any step failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
-import shlex
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from talos.app.sweep import Command, Finetune, build_plan, commands, run_in_process, run_subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,122 +68,85 @@ SETTINGS = {
 }
 
 
-@dataclass
-class Step:
-    label: str
-    script: str  # path relative to the repository root, or "-m module"
-    argv: list[str]
-    mode: str | None = None
-    seconds: float = 0.0
-    error: str | None = None
-    depends: list[str] = field(default_factory=list)
-
-    def command(self) -> str:
-        head = ["python", *self.script.split()] if self.script.startswith("-m ") else ["python", self.script]
-        return " ".join(shlex.quote(a) for a in head + self.argv)
-
-
-def common_args(out: Path, checkpoint: str, tasks: list[str], control: str, s: dict) -> list[str]:
+def common_args(out: Path, checkpoint: str, control: str, s: dict) -> list[str]:
+    """The flags every script of the demo shares (the sweep adds the tasks and the results file)."""
     return ["--model", "talos-toy-clip", "--pretrained", checkpoint, "--data-location", str(out / "data"),
-            "--save", str(out / "runs"), "--eval-datasets", ",".join(tasks), "--control-dataset", control,
+            "--save", str(out / "runs"), "--control-dataset", control,
             "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
             "--warmup-length", str(s["warmup"]), "--calibration-batch-size", str(s["calibration_batch_size"]),
             "--eval-batch-size", str(s["eval_batch_size"]), "--n-eval-points", str(s["n_eval_points"]),
-            "--num-workers", "0", "--device", "cpu", "--results-json", str(out / "results.json"),
+            "--num-workers", "0", "--device", "cpu",
             "--plugins", "vision.demo.tasks"]  # the demo's tasks are a dataset plugin, not library datasets
 
 
 def plan(out: Path, checkpoint: str, tasks: list[str], control: str, modes: list[str], merges: list[str],
-         s: dict) -> list[Step]:
-    common = common_args(out, checkpoint, tasks, control, s)
-    steps = [Step("world", "-m vision.demo.world",
-                  ["--data-location", str(out / "data"), "--tasks", ",".join(tasks + [control]),
-                   "--n-train", str(s["n_train"]), "--n-test", str(s["n_test"]), "--seed", str(s["world_seed"])])]
-    for m in modes:
-        for t in tasks:
-            steps.append(Step(f"finetune {m} {t}", "vision/finetune.py",
-                              common + ["--finetuning-mode", m, "--train-dataset", t], mode=m))
-        for proto in ("single_task", "task_addition", "task_negation"):
-            steps.append(Step(f"{proto} {m}", f"vision/eval_{proto}.py", common + ["--finetuning-mode", m], mode=m))
-    for mg in merges:
-        steps.append(Step(f"merge {mg}", "vision/eval_task_addition.py",
-                          common + ["--finetuning-mode", "standard", "--merge", mg], mode="standard"))
-        if mg != "sum":  # the sum merge is the standard row of the negation table
-            steps.append(Step(f"negation merge {mg}", "vision/eval_task_negation.py",
-                              common + ["--finetuning-mode", "standard", "--merge", mg], mode="standard"))
-    steps.append(Step("report", "-m talos.report", [str(out / "results.json"), "--out", str(out / "results.md")]))
-    steps.append(Step("figures", "-m vision.demo.figures",
-                      common + ["--figures-dir", str(out), "--modes", ",".join(modes)]))
-    return steps
+         s: dict) -> list[Command]:
+    """The demo's commands: the world's images, the sweep's plan (:mod:`talos.app.sweep`), then the figures."""
+    common = common_args(out, checkpoint, control, s)
+    sweep_plan = build_plan("vision", tasks, modes=modes, merges=merges)
+    world = Command("world", "-m vision.demo.world",
+                    ("--data-location", str(out / "data"), "--tasks", ",".join(tasks + [control]),
+                     "--n-train", str(s["n_train"]), "--n-test", str(s["n_test"]), "--seed", str(s["world_seed"])))
+    figures = Command("figures", "-m vision.demo.figures",
+                      (*common, "--eval-datasets", ",".join(tasks), "--results-json", str(out / "results.json"),
+                       "--figures-dir", str(out), "--modes", ",".join(sweep_plan.modes)))
+    return [world, *commands(sweep_plan, common, out / "results.json", out / "results.md"), figures]
 
 
-def _in_process(step: Step) -> None:
-    if step.script == "-m vision.demo.world":
-        from vision.demo import world
+@dataclass
+class Outcome:
+    """What became of one command: its wall time and its error (None: it succeeded)."""
 
-        world.main(step.argv)
-    elif step.script == "-m talos.report":
-        import contextlib
-        import io
+    seconds: float = 0.0
+    error: str | None = None
 
-        from talos import report
 
+def _mode(cmd: Command) -> str | None:
+    return getattr(cmd.step, "mode", None)
+
+
+def _run_one(cmd: Command, in_subprocesses: bool) -> None:
+    if in_subprocesses:
+        run_subprocess(cmd)
+    elif cmd.label == "report":
         with contextlib.redirect_stdout(io.StringIO()):  # the tables are printed once, at the end
-            report.main(step.argv)
-    elif step.script == "-m vision.demo.figures":
-        from vision.demo import figures
-
-        figures.main(step.argv)
-    elif step.script == "vision/finetune.py":
-        from vision import finetune
-
-        res = finetune.main(step.argv)
-        if isinstance(res, dict) and res.get("interrupted"):
-            raise RuntimeError("fine-tuning was interrupted")
+            run_in_process(cmd)
     else:
-        from vision import evaluate
-
-        protocol = {"vision/eval_single_task.py": "single_task", "vision/eval_task_addition.py": "addition",
-                    "vision/eval_task_negation.py": "negation"}[step.script]
-        evaluate.main(protocol, step.argv)
+        run_in_process(cmd)
 
 
-def _subprocess(step: Step) -> None:
-    head = [sys.executable, *step.script.split()] if step.script.startswith("-m ") else [sys.executable, step.script]
-    r = subprocess.run(head + step.argv, cwd=REPO)
-    if r.returncode != 0:
-        raise RuntimeError(f"exit status {r.returncode}")
-
-
-def run_steps(steps: list[Step], out: Path, in_subprocesses: bool, quiet: bool = False) -> float:
-    """Run ``steps`` in order under an overall progress bar; a failing step is recorded and skipped over
-    (with the later steps of its mode). Returns the wall time in seconds."""
+def run_steps(cmds: list[Command], out: Path, in_subprocesses: bool, quiet: bool = False
+              ) -> tuple[list[Outcome], float]:
+    """Run ``cmds`` in order under an overall progress bar; a failing command is recorded and skipped over
+    (with the later evaluations of its mode). Returns each command's outcome and the wall time in seconds."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     failed_modes: dict[str, str] = {}
-    bar = tqdm(total=len(steps), desc="demo", unit="step", disable=quiet, position=0)
-    for i, st in enumerate(steps, 1):
-        bar.set_postfix_str(st.label)
-        tqdm.write(f"[{i}/{len(steps)} {_fmt(time.time() - t0)}] {st.label}\n  + {st.command()}")
-        if st.mode in failed_modes and st.label.split()[0] != "finetune":
-            st.error = f"skipped: {st.mode} failed earlier ({failed_modes[st.mode]})"
-            tqdm.write(f"  ! {st.error}")
+    outcomes = [Outcome() for _ in cmds]
+    bar = tqdm(total=len(cmds), desc="demo", unit="step", disable=quiet, position=0)
+    for i, (cmd, res) in enumerate(zip(cmds, outcomes), 1):
+        bar.set_postfix_str(cmd.label)
+        tqdm.write(f"[{i}/{len(cmds)} {_fmt(time.time() - t0)}] {cmd.label}\n  + {cmd.shell()}")
+        mode = _mode(cmd)
+        if mode in failed_modes and not isinstance(cmd.step, Finetune):
+            res.error = f"skipped: {mode} failed earlier ({failed_modes[mode]})"
+            tqdm.write(f"  ! {res.error}")
             bar.update()
             continue
         ts = time.time()
         try:
-            _subprocess(st) if in_subprocesses else _in_process(st)
+            _run_one(cmd, in_subprocesses)
         except Exception as e:  # noqa: BLE001 - a failing step must not stop the demo
-            st.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            logging.getLogger("talos").error("step %s failed:\n%s", st.label, traceback.format_exc())
-            tqdm.write(f"  ! FAILED: {st.error} (traceback in {out / 'demo.log'})")
-            if st.mode:
-                failed_modes.setdefault(st.mode, st.error)
-        st.seconds = time.time() - ts
+            res.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            logging.getLogger("talos").error("step %s failed:\n%s", cmd.label, traceback.format_exc())
+            tqdm.write(f"  ! FAILED: {res.error} (traceback in {out / 'demo.log'})")
+            if mode:
+                failed_modes.setdefault(mode, res.error)
+        res.seconds = time.time() - ts
         bar.update()
     bar.close()
-    return time.time() - t0
+    return outcomes, time.time() - t0
 
 
 def _setup_logging(out: Path) -> None:
@@ -334,35 +300,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "results.json").unlink(missing_ok=True)  # rebuilt from the (cached) runs every time
     _setup_logging(out)
 
-    steps = plan(out, a.checkpoint, tasks, control, modes, merges, settings)
-    print(f"demo ({a.world} world): {len(steps)} steps, modes {' '.join(modes)}; merges {' '.join(merges)}; "
+    cmds = plan(out, a.checkpoint, tasks, control, modes, merges, settings)
+    print(f"demo ({a.world} world): {len(cmds)} steps, modes {' '.join(modes)}; merges {' '.join(merges)}; "
           f"log {out / 'demo.log'}", flush=True)
-    wall = run_steps(steps, out, a.subprocess, a.no_progress)
+    outcomes, wall = run_steps(cmds, out, a.subprocess, a.no_progress)
+    timing = {"world": a.world, "wall_seconds": round(wall, 1), "per_mode_seconds": {},
+              "steps": [{"label": c.label, "seconds": round(o.seconds, 2), "error": o.error}
+                        for c, o in zip(cmds, outcomes)],
+              "settings": settings, "threads": a.threads, "subprocess": a.subprocess}
+    return _write_summary(out, cmds, outcomes, timing)
 
+
+def _write_summary(out: Path, cmds: list[Command], outcomes: list[Outcome], timing: dict) -> int:
+    """timings.json, the demo's own tables appended to results.md; 1 if a step failed or was skipped."""
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     diag_path = out / "diagnostics.json"
     diag = json.loads(diag_path.read_text()) if diag_path.exists() else None
     extra = summary_tables(results, diag)
     per_mode: dict[str, float] = {}
-    for st in steps:
-        per_mode[st.mode or st.label.split()[0]] = per_mode.get(st.mode or st.label.split()[0], 0.0) + st.seconds
-    timing = {"world": a.world, "wall_seconds": round(wall, 1), "per_mode_seconds": {k: round(v, 1) for k, v in per_mode.items()},
-              "steps": [{"label": s.label, "seconds": round(s.seconds, 2), "error": s.error} for s in steps],
-              "settings": settings, "threads": a.threads, "subprocess": a.subprocess}
+    for c, o in zip(cmds, outcomes):
+        key = _mode(c) or c.label.split()[0]
+        per_mode[key] = per_mode.get(key, 0.0) + o.seconds
+    timing["per_mode_seconds"] = {k: round(v, 1) for k, v in per_mode.items()}
     (out / "timings.json").write_text(json.dumps(timing, indent=1) + "\n")
     md_path = out / "results.md"
     md = md_path.read_text() if md_path.exists() else ""
-    failures = [s for s in steps if s.error]
-    tail = [f"Demo wall time {_fmt(wall)} ({len(steps)} steps; per mode: "
+    failures = [(c, o) for c, o in zip(cmds, outcomes) if o.error]
+    tail = [f"Demo wall time {_fmt(timing['wall_seconds'])} ({len(cmds)} steps; per mode: "
             + ", ".join(f"{k} {_fmt(v)}" for k, v in per_mode.items()) + ")."]
     if failures:
-        tail.append("Failed or skipped steps: " + "; ".join(f"{s.label}: {s.error}" for s in failures))
+        tail.append("Failed or skipped steps: " + "; ".join(f"{c.label}: {o.error}" for c, o in failures))
     md_path.write_text(md.rstrip() + "\n\n" + extra + "\n" + "\n".join(tail) + "\n")
     print("\n" + md_path.read_text())
     print(f"results: {out / 'results.json'}, {md_path}; figures: "
           + ", ".join(str(x) for x in sorted(out.glob("*.png"))))
     return 1 if failures else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

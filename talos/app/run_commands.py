@@ -1,16 +1,17 @@
-"""Run a file of script commands in one Python process (the CPU smoke runs): ``python -m talos.run_commands FILE``.
+"""Run a file of script commands in one Python process: ``python -m talos.app.run_commands FILE``.
 
-Each line is ``<domain>/<script>.py ARGS...`` as a shell would split it; the line's module ``main(argv)`` is
-called with ARGS, which is exactly what ``python <domain>/<script>.py ARGS`` runs, without paying the torch
-and model-library imports once per command (they dominate tiny CPU runs).
+Each line is ``<domain>/<script>.py ARGS...`` as a shell would split it (``python -m talos.app.sweep --dry-run``
+prints such lines, with ``python`` in front); the line's module ``main(argv)`` is called with ARGS, which is
+exactly what ``python <domain>/<script>.py ARGS`` runs (:func:`talos.app.sweep.run_in_process`).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import sys
 from typing import Sequence
+
+from .sweep import Command, run_in_process
 
 
 def run_line(line: str) -> None:
@@ -18,8 +19,9 @@ def run_line(line: str) -> None:
     script, *argv = shlex.split(line)
     if not script.endswith(".py"):
         raise ValueError(f"expected '<domain>/<script>.py ARGS', got {line.strip()!r}")
-    print("+ python", line.strip(), flush=True)
-    importlib.import_module(script.removesuffix(".py").replace("/", ".")).main(argv)
+    cmd = Command(script, script, tuple(argv))
+    print("+", cmd.shell(), flush=True)
+    run_in_process(cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
