@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from talos.app import flags
 from talos.app.checks import check_model_dir
-from talos.app.runs import RunPaths
+from talos.app.runs import RunPaths, finetune_hparams  # noqa: F401  (the run hash's entries)
 from talos.app.settings import StepSettings, merge_field
 from talos.config import Settings, derived, setting
 
@@ -131,21 +131,5 @@ def check_storycloze_dir(path: str | None) -> None:
                              f"{fetch}")
 
 
-def build_parser(description: str | None = None) -> Any:
-    """The single parser shared by all NLP scripts."""
-    from dataclasses import replace
-
-    return flags.build_parser(replace(DOMAIN, description=description or DOMAIN.description))
-
-
-def parse_args(argv: Sequence[str] | None = None, *, need_train_dataset: bool = False,
-               description: str | None = None) -> flags.Config:
-    """Parse and validate; argparse-style exit (code 2) with the message on invalid values."""
-    return flags.parse(DOMAIN, argv, need_train_dataset=need_train_dataset, description=description)
-
-
-def finetune_hparams(cfg: flags.Config, task: str) -> dict[str, Any]:
-    """The entries of the run hash of ``task`` under ``cfg`` (see :mod:`talos.app.runs`)."""
-    from talos.app.runs import finetune_hparams as hparams
-
-    return hparams(cfg, task)
+build_parser = DOMAIN.parser  # (description=None) -> the parser shared by every script of the domain
+parse_args = DOMAIN.parse  # (argv=None, *, need_train_dataset=False, description=None) -> the validated Config

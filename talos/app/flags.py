@@ -48,6 +48,15 @@ class Domain:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flag defaults by field name
     extra: Mapping[str, type[Settings]] = field(default_factory=dict)  # a command's own groups (analyze.py)
 
+    def parser(self, description: str | None = None) -> argparse.ArgumentParser:
+        """The single parser of this domain's scripts (see :func:`build_parser`)."""
+        return build_parser(dataclasses.replace(self, description=description or self.description))
+
+    def parse(self, argv: Sequence[str] | None = None, *, need_train_dataset: bool = False,
+              description: str | None = None) -> "Config":
+        """Parse and validate this domain's flags (see :func:`parse`)."""
+        return parse(self, argv, need_train_dataset=need_train_dataset, description=description)
+
     def groups(self) -> dict[str, type[Settings]]:
         """Group key -> settings class, the mode and merge groups built from the registries now."""
         return {"model": self.model, "data": self.data, "method": method_group(), "training": self.training,
