@@ -303,6 +303,7 @@ def run_job(job: dict) -> dict:
 
 def run_isolated(job: dict) -> dict:
     """``run_job`` in a fresh ``python -m benchmarks.efficiency --one`` process (its own peak memory)."""
+    print(f"[{job['backbone']['domain']}] {job['backbone']['name']}: {job['kind']} {job.get('mode', '')}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if job["settings"]["threads"]:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(job["settings"]["threads"])
@@ -315,25 +316,27 @@ def run_isolated(job: dict) -> dict:
         return json.loads(out.read_text())
 
 
-def run_backbone(bb: Backbone, s: Settings, modes: list[str], run: Callable[[dict], dict]) -> dict:
-    """The calibration and every mode's row for one backbone; ``run`` executes one job (isolated or not)."""
-    rows: dict[str, dict] = {}
-    for m in modes:
-        mode = get_mode(m)
-        if mode.source_mode is not None:  # posthoc: evaluates standard's task vectors, trains nothing
-            rows[m] = {"trained_by": mode.source_mode}
-        elif s.grad_checkpointing and mode.eval_linearized:  # refused by the scripts too (vision/args.py)
-            rows[m] = {"unsupported": "torch.func.jvp cannot run through activation checkpointing"}
-    with tempfile.TemporaryDirectory(prefix="talos_efficiency_") as work:
-        base = {"backbone": asdict(bb), "settings": asdict(s), "workdir": work}
-        sparse = [m for m in modes if m not in rows and get_mode(m).sparse and m != "talos"]
-        print(f"[{bb.domain}] {bb.name}: calibration and masks ...", flush=True)
-        cal = run({**base, "kind": "calibrate", "masks": sparse})
-        for m in (m for m in modes if m not in rows):
-            rows[m] = r = run({**base, "kind": "train", "mode": m})
-            print(f"[{bb.domain}] {m:<15} step {r['step_s'] * 1e3:8.1f} ms  peak {r['peak_mem_mb']:7.0f} MB  "
-                  f"trainable {r['trainable']:>11,}  optimizer state {r['optimizer_state_mb']:8.2f} MB", flush=True)
-    return {"calibration": cal, "modes": {m: rows[m] for m in modes}}
+def run_pair(preset: str, pair: list[Backbone], s: Settings, modes: list[str], run: Callable[[dict], dict]) -> dict:
+    """One vision and/or nlp backbone: every mode's row, the calibration, the targets; ``run`` runs one job."""
+    t0, res = time.time(), {"preset": preset, "device": s.device, "settings": asdict(s), "calibration": {},
+                            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "backbones": {}}
+    for bb in pair:
+        res["backbones"][bb.domain], rows = bb.name, {}
+        for m in modes:
+            if get_mode(m).source_mode is not None:  # posthoc: evaluates standard's task vectors, trains nothing
+                rows[m] = {"trained_by": get_mode(m).source_mode}
+            elif s.grad_checkpointing and get_mode(m).eval_linearized:  # refused by the scripts (vision/args.py)
+                rows[m] = {"unsupported": "torch.func.jvp cannot run through activation checkpointing"}
+        with tempfile.TemporaryDirectory(prefix="talos_efficiency_") as work:
+            job = {"backbone": asdict(bb), "settings": asdict(s), "workdir": work}
+            sparse = [m for m in modes if m not in rows and get_mode(m).sparse and m != "talos"]
+            res["calibration"][bb.domain] = run({**job, "kind": "calibrate", "masks": sparse})
+            rows.update({m: run({**job, "kind": "train", "mode": m}) for m in modes if m not in rows})
+        res[bb.domain] = {m: rows[m] for m in modes}
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    env = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "git_commit": git.stdout.strip(),
+           **{p: version(p) for p in ("torch", "open_clip_torch", "transformers")}}
+    return {**res, "wall_s": time.time() - t0, "env": env, "targets": check_targets(res)}
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:
@@ -345,31 +348,12 @@ def check_targets(res: dict) -> list[dict]:
     out = []
     for d in res["backbones"]:
         rows, cal = res[d], res["calibration"][d]
-        values = [(t, _ratio(rows.get(a, {}).get(k), rows.get(b, {}).get(k))) for t, a, b, k, *_ in TARGETS]
-        values += [(t, _ratio(cal[a], cal[b])) for t, a, b, *_ in CAL_TARGETS]
-        for (t, v), (*_, op, lim) in zip(values, TARGETS + CAL_TARGETS):
-            out.append({"domain": d, "target": t, "value": v,
-                        "pass": None if v is None else (v <= lim if op == "<=" else v >= lim)})
+        values = [_ratio(rows.get(a, {}).get(k), rows.get(b, {}).get(k)) for _, a, b, k, *_ in TARGETS]
+        values += [_ratio(cal[a], cal[b]) for _, a, b, *_ in CAL_TARGETS]
+        out += [{"domain": d, "target": t, "value": v,
+                 "pass": None if v is None else (v <= lim if op == "<=" else v >= lim)}
+                for v, (t, *_, op, lim) in zip(values, TARGETS + CAL_TARGETS)]
     return out
-
-
-def run_pair(preset: str, pair: list[Backbone], s: Settings, modes: list[str], run: Callable[[dict], dict]) -> dict:
-    """The result of one vision and/or one nlp backbone: rows, calibration, targets, environment."""
-    t0 = time.time()
-    res: dict[str, Any] = {"preset": preset, "device": s.device, "settings": asdict(s), "calibration": {},
-                           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                           "backbones": {bb.domain: bb.name for bb in pair}}
-    for bb in pair:
-        out = run_backbone(bb, s, modes, run)
-        res[bb.domain], res["calibration"][bb.domain] = out["modes"], out["calibration"]
-    res.update(wall_s=time.time() - t0, env=_env(), targets=check_targets(res))
-    return res
-
-
-def _env() -> dict:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"python": sys.version.split()[0], "cpus": os.cpu_count(), "git_commit": git.stdout.strip(),
-            **{p: version(p) for p in ("torch", "open_clip_torch", "transformers")}}
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -431,7 +415,7 @@ def calibration_only(preset: str, backbones: list[Backbone], s: Settings, n: int
                                                         "runs": rows}
         print(f"[{bb.domain}] {bb.name}: calibration / plain fwd+bwd per example "
               f"{', '.join(f'{x:.3f}' for x in ratios)} -> median {statistics.median(ratios):.3f}x")
-    return {**res, "env": _env()}
+    return res
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -479,12 +463,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return [res]
     per = [[bb for bb in backbones if bb.domain == d] for d in args.domains]
     pairs = [[col[i] for col in per if i < len(col)] for i in range(max(map(len, per)))]
+    suffixes = ["_" + "_".join(bb.name for bb in pair) if len(pairs) > 1 else "" for pair in pairs]
     stem = Path(args.out or results / f"efficiency_{args.preset}{'_gc' * s.grad_checkpointing}.json")
+    bases = [Path(args.baseline).with_stem(Path(args.baseline).stem + x) if args.baseline else None for x in suffixes]
+    if missing := [str(b) for b in bases if b is not None and not b.exists()]:
+        raise SystemExit(f"--baseline: no such file {missing}")  # before any measurement
     out = []
-    for pair in pairs:
-        suffix = "_" + "_".join(bb.name for bb in pair) if len(pairs) > 1 else ""
+    for pair, suffix, base in zip(pairs, suffixes, bases):
         res = run_pair(args.preset, pair, s, args.modes, run)
-        base = Path(args.baseline).with_stem(Path(args.baseline).stem + suffix) if args.baseline else None
         md = markdown(res, json.loads(base.read_text()) if base else None, base.name if base else "")
         path = stem.with_stem(stem.stem + suffix)
         atomic_write_json(path, res)

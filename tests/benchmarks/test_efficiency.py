@@ -122,6 +122,6 @@ def test_one_job_in_its_own_process(tmp_path):
 
 
 def test_bad_flags_exit():
-    for argv in (["--modes", "no_such_mode"], ["--domains", "audio"]):
+    for argv in (["--modes", "no_such_mode"], ["--domains", "audio"], ["--in-process", "--baseline", "/no/such.json"]):
         with pytest.raises(SystemExit):
             efficiency.main(["--preset", "test", *argv])
