@@ -180,11 +180,6 @@ def mode_context(b: Built, s: Settings, *, load_task_vector: Callable | None = N
                        progress=False, load_task_vector=load_task_vector, on_round=on_round)
 
 
-def _sync(s: Settings) -> None:
-    if s.device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _mem_mb(peak: bool, s: Settings) -> float:
     """Peak or current memory: CUDA allocations, or this process's resident set (VmHWM / VmRSS)."""
     if s.device.startswith("cuda"):
@@ -194,25 +189,23 @@ def _mem_mb(peak: bool, s: Settings) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _clock(s: Settings) -> Callable[[], float]:
-    """One torch thread on CPU: that thread's CPU time, which other processes on shared cores do not inflate."""
-    return time.thread_time if s.device == "cpu" and s.threads == 1 else time.perf_counter
+def _now(s: Settings) -> float:
+    """Seconds after the queued CUDA work; with one torch thread on CPU that thread's CPU time, which other
+    processes on shared cores do not inflate."""
+    if s.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.thread_time() if s.device == "cpu" and s.threads == 1 else time.perf_counter()
 
 
 def train_steps(b: Built, state: Any, s: Settings, steps: int, lr: float, wd: float) -> list[float]:
     """``talos.train.train`` for ``steps`` optimizer steps on ``b.train_batch``; the seconds of each step."""
     n = len(b.train_batch[1]) if isinstance(b.train_batch, tuple) else len(b.train_batch["labels"])
-    clock = _clock(s)
-    stamps = [clock()]
-
-    def on_step(_: int) -> None:
-        _sync(s)
-        stamps.append(clock())
+    stamps = [_now(s)]
 
     cfg = TrainConfig(steps=steps, batch_size=n, lr=lr, weight_decay=wd, warmup=0, schedule="constant",
                       precision=s.precision, seed=s.seed, checkpoint_every=10**9, log_every=10**9)
     train(state.model, list(range(n * steps)), b.loss_fn, state.named_params, state.masks, cfg, dense=state.dense,
-          device=s.device, collate_fn=lambda _: b.train_batch, progress=False, on_step=on_step)
+          device=s.device, collate_fn=lambda _: b.train_batch, progress=False, on_step=lambda _: stamps.append(_now(s)))
     return [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]
 
 
@@ -246,32 +239,27 @@ def calibrate(bb: Backbone, s: Settings, workdir: Path | None, other_masks: list
     """TaLoS calibration timed per example, beside a plain forward+backward and the anchor; then the masks of
     ``other_masks`` (LoTA's from a few real ``standard`` steps), all saved to ``workdir``."""
     b = build(bb, s)
-    clock = _clock(s)
     leaves = [p for n, p in b.model.named_parameters() if n in set(b.eligible)]
 
     def plain() -> float:  # eval mode, gradients of the eligible tensors, as scoring takes them
         b.model.eval()
-        _sync(s)
-        t = clock()
+        t = _now(s)
         for batch in b.calib_batches:
             torch.autograd.grad(b.forward_fn(b.model, batch).float().logsumexp(-1).sum(), leaves, allow_unused=True)
-        _sync(s)
-        return clock() - t
+        return _now(s) - t
 
     n = bb.calib_batch * bb.calib_batches
     plain()  # warm-up
     plains, rounds = [plain()], []
-    t = clock()
+    t = _now(s)
     masks = get_mode("talos").masks(mode_context(b, s, on_round=lambda r, d, m: rounds.append(r)))
-    _sync(s)
-    total = clock() - t
+    total = _now(s) - t
     peak = _mem_mb(True, s)
     plains += [plain(), plain()]
-    t = clock()
+    t = _now(s)
     fisher_scores_reference(b.model, b.calib_batches[:1], b.forward_fn, params=b.eligible,
                             generator=torch.Generator().manual_seed(s.seed))
-    _sync(s)
-    anchor = (clock() - t) / bb.calib_batch
+    anchor = (_now(s) - t) / bb.calib_batch
     if workdir is not None:
         save_tensors(workdir / "talos.safetensors", masks)
         for name in other_masks:
@@ -279,7 +267,7 @@ def calibrate(bb: Backbone, s: Settings, workdir: Path | None, other_masks: list
             save_tensors(workdir / f"{name}.safetensors", get_mode(name).masks(ctx))
     return {"per_example_s": total / (len(rounds) * n), "plain_per_example_s": statistics.median(plains) / n,
             "anchor_per_example_s": anchor, "total_s": total, "rounds": len(rounds), "examples": n,
-            "peak_mem_mb": peak, "clock": clock.__name__}
+            "peak_mem_mb": peak}
 
 
 def _task_vector(bb: Backbone, s: Settings, mode_name: str) -> Any:
