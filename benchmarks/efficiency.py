@@ -173,7 +173,7 @@ def build(bb: Backbone, s: Settings) -> Built:
 
 
 def mode_context(b: Built, s: Settings, *, load_task_vector: Callable | None = None,
-                 on_round: Callable | None = None) -> Any:
+                 on_round: Callable | None = None) -> ModeContext:
     """The one place a ``ModeContext`` is built: the model parts, every method setting at the scripts' default."""
     return ModeContext(model=b.model, eligible=list(b.eligible), dense=list(b.dense), forward_fn=b.forward_fn,
                        calibration_batches=lambda: b.calib_batches, lora_targets=b.lora_targets, seed=s.seed,
