@@ -113,22 +113,28 @@ def load_model(
     *,
     cache_dir: str | None = None,
     attn_implementation: str = "sdpa",
+    config: Any = None,
 ) -> tuple[nn.Module, str]:
-    """(model in float32, kind). Tiny configs are built with ``tokenizer``'s vocabulary and a fixed seed."""
+    """(model in float32, kind). Tiny configs are built with ``tokenizer``'s vocabulary and a fixed seed; so is
+    an explicit transformers ``config`` (e.g. the released T5 sizes in ``benchmarks/efficiency.py``: random
+    init, no download), which keeps its own vocabulary when ``tokenizer`` is None."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
-    config = load_config(name, cache_dir)
+    random_init = config is not None or is_tiny(name)
+    config = config if config is not None else load_config(name, cache_dir)
     kind = model_kind(config)
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    if is_tiny(name):
-        config.vocab_size = len(tokenizer)
-        config.pad_token_id = tokenizer.pad_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if kind == "seq2seq":
-            config.decoder_start_token_id = tokenizer.pad_token_id
+    if random_init:
+        if tokenizer is not None:
+            config.vocab_size = len(tokenizer)
+            config.pad_token_id = tokenizer.pad_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            bos = tokenizer.bos_token_id
+            config.bos_token_id = bos if bos is not None else tokenizer.eos_token_id
+            if kind == "seq2seq":
+                config.decoder_start_token_id = tokenizer.pad_token_id
         with torch.random.fork_rng(devices=[]):  # the same θ0 in every process, whatever --seed is
             torch.manual_seed(TINY_INIT_SEED)
             model = auto.from_config(config, attn_implementation=attn_implementation)
