@@ -20,7 +20,7 @@ from talos.app.runs import RunPaths, finetune_hparams  # noqa: F401  (the run ha
 from talos.app.settings import StepSettings, merge_field
 from talos.config import Settings, derived, setting
 
-from .datasets import epoch_preset, epoch_presets  # fine-tuning epochs: each dataset spec owns its preset
+from .datasets import SUITES, epoch_preset, epoch_presets  # each dataset spec owns its epoch preset
 
 #: Calibration batch size per model (official code); other models default to 16.
 CALIBRATION_BATCH_SIZE = {"ViT-B-32": 64, "ViT-B-16": 16, "ViT-L-14": 2}
@@ -34,7 +34,7 @@ MERGE_DEFAULTS = {"tall_masks": {"lam": 0.2}, "consensus": {"lam": 0.2},
                            "negation_keys": "attn,mlp,conv"},
                   "breadcrumbs": {"trim_keys": "attn,mlp,conv"}}
 #: The eight tasks of the paper and the negation control.
-TASKS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
+TASKS = list(SUITES["8"])
 CONTROL = "ImageNet"
 
 

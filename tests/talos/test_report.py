@@ -1,9 +1,9 @@
-"""results.json keeps every mode x merge result (talos.pipeline.export_results) and the report renders it."""
+"""results.json keeps every mode x merge result (talos.stages.export_results) and the report renders it."""
 from __future__ import annotations
 
 import json
 
-from talos.pipeline import export_results
+from talos.stages import export_results
 from talos.report import to_markdown
 
 ADD = {"absolute": 0.5, "normalized": 0.625, "coef": 0.3}
