@@ -6,14 +6,13 @@ Off by default; ``--gradient-drift-every N`` records it every N optimizer steps 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DRIFT_FILE", "GradientDrift", "add_drift_flags", "drift_path"]
+__all__ = ["DRIFT_FILE", "GradientDrift", "drift_path"]
 
 #: file name of the record in a fine-tuning run folder
 DRIFT_FILE = "gradient_drift.json"
@@ -22,30 +21,6 @@ DRIFT_FILE = "gradient_drift.json"
 def drift_path(run_dir: str | Path) -> Path:
     """Where a fine-tuning run keeps its gradient-drift record."""
     return Path(run_dir) / DRIFT_FILE
-
-
-def _non_negative_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def add_drift_flags(g: argparse._ArgumentGroup) -> None:
-    """``--gradient-drift-every`` / ``--gradient-drift-examples`` (fine-tuning scripts; not part of the run hash:
-    recording reads the model and changes nothing of the training)."""
-    g.add_argument("--gradient-drift-every", type=_non_negative_int, default=0,
-                   help="record the gradient drift on a fixed probe batch every N optimizer steps (0 = off; "
-                        "Fig. 7, python <domain>/analyze.py gradient_drift)")
-    g.add_argument("--gradient-drift-examples", type=_positive_int, default=32,
-                   help="probe examples (the first of the task's validation split)")
 
 
 class GradientDrift:
