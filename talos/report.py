@@ -17,12 +17,11 @@ Evaluation scripts given ``--results-json PATH`` merge their section into that f
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .io import ArtifactError, atomic_write_bytes, atomic_write_json, locked_dir, read_json, remove_stale_temps
+from .io import ArtifactError, atomic_write_json, locked_dir, read_json, remove_stale_temps
 
 SECTIONS = ("single_task", "addition", "negation", "merges", "negation_merges", "task_vector_density")
 
@@ -92,20 +91,3 @@ def to_markdown(results: Mapping[str, Any]) -> str:
                 lines.append(f"| {mode} | {t} | {d:.4f} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> str:
-    """``python -m talos.report results.json [--out results.md]``: render and print the tables."""
-    p = argparse.ArgumentParser(description="Render a results.json as markdown tables")
-    p.add_argument("results")
-    p.add_argument("--out", default=None, help="also write the markdown here")
-    a = p.parse_args(argv)
-    md = to_markdown(read_json(a.results))
-    if a.out:
-        atomic_write_bytes(a.out, md.encode())
-    print(md)
-    return md
-
-
-if __name__ == "__main__":
-    main()

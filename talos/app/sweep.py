@@ -219,7 +219,7 @@ def commands(plan: Plan, common: Sequence[str], results: str | os.PathLike, repo
             cmd = (f"{plan.domain}/{PROTOCOL_SCRIPTS[step.protocol]}.py", [*shared, "--finetuning-mode", step.mode]
                    + (["--merge", step.merge] if step.merge else []))
         else:
-            cmd = ("-m talos.report", [results, "--out", report])
+            cmd = ("-m talos.app.report", [results, "--out", report])
         out.append(Command(step_label(step), cmd[0], tuple(cmd[1]), step))
     return out
 

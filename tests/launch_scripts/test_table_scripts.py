@@ -52,7 +52,7 @@ def test_vision_table_spreads_each_modes_finetunes_over_the_gpus(tmp_path):
     merges = [(ln.split()[1], _flag(ln, "--merge")) for ln in evals if " --merge " in ln]
     assert merges == [(f"vision/eval_task_{p}.py", m) for m in MERGES.names() if m != "sum"
                       for p in ("addition", "negation")]
-    assert lines[-1] == f"python -m talos.report {results} --out {results[:-5]}.md"
+    assert lines[-1] == f"python -m talos.app.report {results} --out {results[:-5]}.md"
 
 
 def test_nlp_table_torchrun_per_task_and_the_paper_tasks(tmp_path):

@@ -17,7 +17,7 @@ Steps, each printed as the equivalent shell command before it runs:
    modes it requires) ``vision/finetune.py`` once per task (calibration + fine-tuning), then
    ``vision/eval_single_task.py``, ``vision/eval_task_addition.py`` and ``vision/eval_task_negation.py``; for
    every merge but ``sum`` (the standard mode's own rows) ``vision/eval_task_addition.py`` and
-   ``vision/eval_task_negation.py --finetuning-mode standard --merge M``; ``python -m talos.report`` (results.md).
+   ``vision/eval_task_negation.py --finetuning-mode standard --merge M``; ``python -m talos.app.report`` (results.md).
 5. ``python -m vision.demo.figures`` (PNGs, diagnostics.json).
 
 All of them load the committed toy CLIP (``--model talos-toy-clip --pretrained vision/demo/toy_clip.safetensors``).

@@ -110,9 +110,9 @@ def test_commands_put_the_common_flags_first_and_the_step_flags_last():
         ("nlp/eval_task_negation.py", (*shared, "--finetuning-mode", "standard")),
         ("nlp/eval_task_addition.py", (*shared, "--finetuning-mode", "standard", "--merge", "ties")),
         ("nlp/eval_task_negation.py", (*shared, "--finetuning-mode", "standard", "--merge", "ties")),
-        ("-m talos.report", ("out/r.json", "--out", "out/r.md"))]
-    assert cmds[0].module == "nlp.finetune" and cmds[-1].module == "talos.report"
-    assert cmds[-1].shell() == "python -m talos.report out/r.json --out out/r.md"
+        ("-m talos.app.report", ("out/r.json", "--out", "out/r.md"))]
+    assert cmds[0].module == "nlp.finetune" and cmds[-1].module == "talos.app.report"
+    assert cmds[-1].shell() == "python -m talos.app.report out/r.json --out out/r.md"
     with pytest.raises(ValueError, match="--train-dataset"):
         sweep.commands(plan, ["--train-dataset=a"], "r.json")
 
