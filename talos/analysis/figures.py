@@ -177,8 +177,8 @@ def _all_modes() -> list[str]:
 
 def _data_settings(ctx: FigureContext) -> dict[str, Any]:
     a = ctx.args
-    return {"tasks": ctx.tasks, "split": a.split, "max_examples": a.max_examples,
-            "pretrained": getattr(a, "pretrained", None), "tokenizer": getattr(a, "tokenizer", None)}
+    # the model group's result-changing settings name the weights (pretrained tag or file, tokenizer, ...)
+    return {"tasks": ctx.tasks, "split": a.split, "max_examples": a.max_examples, "model": a.group("model").hashed()}
 
 
 # ------------------------------------------------------------------------------------------------ figures
