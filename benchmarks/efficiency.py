@@ -42,7 +42,7 @@ from talos.modes import MODES, ModeContext, get_mode, run_order  # noqa: E402
 from talos.optim import masked_state_bytes  # noqa: E402
 from talos.train import TrainConfig, build_optimizer, train  # noqa: E402
 
-from benchmarks.efficiency_report import CAL_TARGETS, TARGETS, check_targets, markdown  # noqa: E402,F401
+from benchmarks.efficiency_report import check_targets, markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20

@@ -15,7 +15,7 @@ from typing import Any
 
 from talos.app import flags
 from talos.app.checks import check_model_dir
-from talos.app.runs import RunPaths, finetune_hparams  # noqa: F401  (the run hash's entries)
+from talos.app.runs import RunPaths
 from talos.app.settings import StepSettings, merge_field
 from talos.config import Settings, derived, setting
 
@@ -99,7 +99,7 @@ def _check_task(name: str) -> Any:
 
 DOMAIN = flags.Domain(
     name="nlp", description="TaLoS NLP (T5 / causal LM) task arithmetic", model=NLPModel, data=NLPData,
-    training=NLPTraining, validate=validate, check_task=_check_task,
+    training=NLPTraining, validate=validate, check_task=_check_task, suites={str(len(TASKS)): TASKS},
     defaults={"lora_init": "kaiming", "calibration_batch_size": 32, "wandb_project": "talos-nlp",
               "eval_batch_size": 32, "cache_dir": os.environ.get("TALOS_HF_CACHE"),
               "storycloze_dir": os.environ.get("STORYCLOZE_DIR"),

@@ -188,23 +188,6 @@ def eligible_parameters(model: nn.Module) -> list[str]:
     return [n for n in out if n in named]  # tied duplicates are listed once by named_parameters()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Exact per-example Fisher rules: GPT-2's Conv1D and the T5/Llama/Qwen RMS norms live in talos.fisher (matched by
-# class name at scoring time); these names are kept for existing callers.
-# ----------------------------------------------------------------------------------------------------------
-from talos.fisher import RMS_NORM_CLASSES, rms_norm_rule  # noqa: E402,F401  (re-exported)
-
-
-def register_fisher_rules(model: nn.Module | None = None) -> list[str]:
-    """Kept for compatibility: the rules are built into talos. Returns the transformers class names covered
-    (all of :data:`talos.fisher.RMS_NORM_CLASSES` and ``Conv1D``, or those present in ``model``)."""
-    names = sorted({q.rsplit(".", 1)[1] for q in RMS_NORM_CLASSES} | {"Conv1D"})
-    if model is not None:
-        present = {type(m).__name__ for m in model.modules()}
-        names = [n for n in names if n in present]
-    return names
-
-
 def lora_targets(model: nn.Module) -> dict[str, None]:
     """LoRA targets: the query and value projections of every attention (all rows).
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from talos.app import flags
 from talos.app.checks import check_pretrained_file
-from talos.app.runs import RunPaths, finetune_hparams  # noqa: F401  (the run hash's entries)
+from talos.app.runs import RunPaths
 from talos.app.settings import StepSettings, merge_field
 from talos.config import Settings, derived, setting
 
@@ -150,7 +150,7 @@ def _check_task(name: str) -> Any:
 
 DOMAIN = flags.Domain(
     name="vision", description="TaLoS vision (CLIP) task arithmetic", model=VisionModel, data=VisionData,
-    training=VisionTraining, validate=validate, check_task=_check_task,
+    training=VisionTraining, validate=validate, check_task=_check_task, suites=SUITES,
     defaults={"lora_scaling": "alpha", "wandb_project": "talos-vision", "eval_batch_size": 256,
               "openclip_cachedir": os.environ.get("OPENCLIP_CACHEDIR"),
               "num_workers": 4 if os.cpu_count() and os.cpu_count() > 4 else 0, **_merge_defaults()})

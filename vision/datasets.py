@@ -68,7 +68,6 @@ __all__ = [
     "prepare_command",
     "register_dataset",
     "split_train_val",
-    "suite",
 ]
 
 logger = logging.getLogger("talos")
@@ -790,13 +789,6 @@ SUITES: dict[str, list[str]] = {
 }
 SUITES["14"] = [*SUITES["8"], "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013"]
 SUITES["20"] = [*SUITES["14"], "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST"]
-
-def suite(name: str) -> list[str]:
-    """The tasks of suite ``name`` ("8", "14" or "20"); an unknown name raises with the valid ones."""
-    if str(name) not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; valid: {', '.join(SUITES)}")
-    return list(SUITES[str(name)])
-
 
 #: Expected (classes, images) of each dataset's FULL official splits, what ``prepare_datasets.py --verify``
 #: checks. Counts from the datasets' papers / torchvision docs / the hub cards (see the README's Datasets table).

@@ -47,6 +47,7 @@ class Domain:
     check_task: Callable[[str], Any]
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flag defaults by field name
     extra: Mapping[str, type[Settings]] = field(default_factory=dict)  # a command's own groups (analyze.py)
+    suites: Mapping[str, Sequence[str]] = field(default_factory=dict)  # named task lists the sweeps run
 
     def parser(self, description: str | None = None) -> argparse.ArgumentParser:
         """The single parser of this domain's scripts (see :func:`build_parser`)."""
@@ -56,6 +57,12 @@ class Domain:
               description: str | None = None) -> "Config":
         """Parse and validate this domain's flags (see :func:`parse`)."""
         return parse(self, argv, need_train_dataset=need_train_dataset, description=description)
+
+    def suite(self, name: str) -> list[str]:
+        """The tasks of suite ``name``; an unknown name raises with the valid ones."""
+        if str(name) not in self.suites:
+            raise ValueError(f"unknown suite {name!r}; valid: {', '.join(self.suites)}")
+        return list(self.suites[str(name)])
 
     def groups(self) -> dict[str, type[Settings]]:
         """Group key -> settings class, the mode and merge groups built from the registries now."""

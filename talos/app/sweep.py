@@ -80,18 +80,11 @@ class Plan:
 
 
 def suite_tasks(domain: str, suite: str) -> list[str]:
-    """The tasks of a named suite: vision ``vision.datasets.SUITES`` ("8", "14", "20"), nlp "7" (the paper's)."""
-    if domain == "vision":
-        from vision.datasets import suite as vision_suite
-
-        return vision_suite(suite)
-    if domain == "nlp":
-        from nlp.args import TASKS
-
-        if suite != str(len(TASKS)):
-            raise ValueError(f"unknown nlp suite {suite!r}; valid: {len(TASKS)}")
-        return list(TASKS)
-    raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    """The tasks of a named suite, as the domain's ``args.DOMAIN.suites`` declares them (vision "8", "14", "20";
+    nlp "7", the paper's)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    return importlib.import_module(f"{domain}.args").DOMAIN.suite(suite)
 
 
 def dependency_order(modes: Iterable[str]) -> list[str]:

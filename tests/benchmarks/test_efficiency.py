@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from benchmarks import efficiency
+from benchmarks import efficiency, efficiency_report
 from talos.calibration import kept_count
 
 MODES = ["standard", "talos", "lora", "lota", "posthoc"]
@@ -76,7 +76,7 @@ def test_calibration_and_report(result):
         assert c["per_example_s"] > 0 and c["plain_per_example_s"] > 0 and c["anchor_per_example_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert all(f"| {m} |" in md for m in MODES) and "| posthoc | = standard |" in md
-    assert len(res["targets"]) == 2 * (len(efficiency.TARGETS) + len(efficiency.CAL_TARGETS))
+    assert len(res["targets"]) == 2 * (len(efficiency_report.TARGETS) + len(efficiency_report.CAL_TARGETS))
     linear = [t for t in res["targets"] if "linear" in t["target"]]
     assert linear and all(t["value"] is None and t["pass"] is None for t in linear)  # linear not measured
 
@@ -90,14 +90,14 @@ def test_targets_and_trade_hand_computed():
            "examples": 8, "peak_mem_mb": 1.0}
     res = {"preset": "x", "device": "cpu", "date": "d", "wall_s": 1.0, "backbones": {"vision": "m"}, "vision": rows,
            "calibration": {"vision": cal}, "settings": asdict(efficiency.Settings())}
-    got = {t["target"]: (round(t["value"], 6), t["pass"]) for t in efficiency.check_targets(res)}
+    got = {t["target"]: (round(t["value"], 6), t["pass"]) for t in efficiency_report.check_targets(res)}
     assert got == {"talos step <= 1.05x standard": (1.1, False), "talos optimizer state <= 0.25x standard": (0.125, True),
                    "talos peak memory <= 0.9x standard": (0.8, True), "linear step >= 1.5x standard": (2.0, True),
                    "talos step <= 0.7x linear": (0.55, True), "calibration <= 1.0x plain fwd+bwd per example": (1.25, False),
                    "anchor >= 15x calibration per example": (20.0, True)}
-    res["targets"] = efficiency.check_targets(res)
+    res["targets"] = efficiency_report.check_targets(res)
     base = {"vision": {"talos": {**row, "step_s": 0.55, "train_mem_mb": 20.0}}}
-    md = efficiency.markdown(res, base, "base.json")
+    md = efficiency_report.markdown(res, base, "base.json")
     assert "| vision | talos | 550.0 -> 1100.0 | 2.00 | 100 -> 80 | 2.00 |" in md
     assert "| talos | 1100.0 | 1.10 |" in md and "| vision | calibration <= 1.0x plain fwd+bwd per example | 1.250 | FAIL |" in md
 

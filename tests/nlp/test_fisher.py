@@ -10,7 +10,8 @@ from torch import nn
 
 import talos
 from nlp.datasets import get_examples
-from nlp.models import decoder_start_id, eligible_parameters, register_fisher_rules, rms_norm_rule
+from nlp.models import decoder_start_id, eligible_parameters
+from talos.fisher import rms_norm_rule
 from nlp.scoring import RankCollator, choice_log_likelihoods
 
 from .conftest import tiny
@@ -75,7 +76,6 @@ def test_rms_norm_rule_matches_reference(caplog):
     norm = T5LayerNorm(6, eps=1e-6)
     norm.weight.data.uniform_(0.5, 1.5)
     model = _Wrap(norm, 6)
-    register_fisher_rules(model)
     x = [torch.randn(5, 3, 2, 6) * 3, torch.randn(4, 3, 2, 6)]  # extra token dims, batch first
     kw = dict(params=["layer.weight"], target="log_prob", generator=None)
     with caplog.at_level(logging.WARNING, logger="talos"):
@@ -118,7 +118,6 @@ def test_llama_family_rms_norms_and_rope_on_the_fast_path(synth, tok, caplog, ar
                                bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    register_fisher_rules(model)
     eligible = eligible_parameters(model)
     assert "model.layers.0.input_layernorm.weight" in eligible and "model.layers.1.self_attn.v_proj.weight" in eligible
     assert "lm_head.weight" not in eligible and "model.embed_tokens.weight" not in eligible

@@ -13,7 +13,7 @@ from torch import nn
 from talos import fisher_scores
 
 from .conftest import open_clip_vit
-from .test_fisher import assert_close_scores, brute_force
+from .test_fisher import brute_force
 
 
 def _check(model, batches, fwd, target="logit", draws=1, seed=0):

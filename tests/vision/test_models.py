@@ -75,9 +75,11 @@ def test_activation_is_validated_recorded_and_hashed(fake_openai_b32, capsys):
     a = vargs.parse_args(base, need_train_dataset=True)
     assert a.activation == "quick_gelu"
     assert "device: cpu (cpu), precision: fp32" in capsys.readouterr().out
-    h = vargs.finetune_hparams(a, "MNIST")
+    from talos.app.runs import finetune_hparams
+
+    h = finetune_hparams(a, "MNIST")
     assert h["activation"] == "quick_gelu" and h["precision"] == "fp32"
     with pytest.raises(SystemExit):
         vargs.parse_args(base + ["--activation", "gelu"], need_train_dataset=True)
     b = vargs.parse_args(base + ["--activation", "gelu", "--allow-activation-mismatch"], need_train_dataset=True)
-    assert vargs.finetune_hparams(b, "MNIST") != h
+    assert finetune_hparams(b, "MNIST") != h

@@ -71,7 +71,8 @@ def test_bad_flags_fail_before_any_folder(data, tmp_path, bad, capsys):
 
 
 def test_pretrained_file_hashed_by_content(data, tmp_path, monkeypatch):
-    from vision.args import finetune_hparams, parse_args
+    from talos.app.runs import finetune_hparams
+    from vision.args import parse_args
 
     monkeypatch.setenv("TALOS_CACHE_DIR", str(tmp_path / "cache"))
     w = tmp_path / "w.pt"

@@ -3,7 +3,6 @@ results.json, its commands and dry run, and the three runners (in-process, subpr
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
