@@ -15,12 +15,10 @@ PY=${PYTHON:-python}
 TASKS=${TASKS:-$("$PY" -c "import sys; sys.path[0] = '.'; from $DOMAIN.args import TASKS; print(','.join(TASKS))")}
 SPARSITIES=${SPARSITIES:-0.75 0.85 0.9 0.95 0.99}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-COMMON=(--model "$MODEL" --save "$SAVE" --eval-datasets "$TASKS" --finetuning-mode talos ${EXTRA[@]+"${EXTRA[@]}"})
-for k in $SPARSITIES; do
-  for task in ${TASKS//,/ }; do
-    "$PY" "$DOMAIN/finetune.py" "${COMMON[@]}" --sparsity "$k" --train-dataset "$task"
-  done
-  "$PY" "$DOMAIN/eval_single_task.py" "${COMMON[@]}" --sparsity "$k"
-  "$PY" "$DOMAIN/eval_task_addition.py" "${COMMON[@]}" --sparsity "$k"
+COMMON=(--model "$MODEL" --save "$SAVE" ${EXTRA[@]+"${EXTRA[@]}"})
+for k in $SPARSITIES; do  # each k: TaLoS fine-tunes, single-task and addition (the one sweep plan)
+  "$PY" -m talos.app.sweep --domain "$DOMAIN" --tasks "$TASKS" --modes talos --merges sum --merge-modes "" \
+    --protocols single_task,addition --results "$SAVE/$DOMAIN-$MODEL-sparsity-$k.json" -- "${COMMON[@]}" --sparsity "$k"
 done
-"$PY" "$DOMAIN/analyze.py" sparsity_ablation "${COMMON[@]}" --sparsities "${SPARSITIES// /,}"
+"$PY" "$DOMAIN/analyze.py" sparsity_ablation "${COMMON[@]}" --finetuning-mode talos --eval-datasets "$TASKS" \
+  --sparsities "${SPARSITIES// /,}"

@@ -128,9 +128,11 @@ def merge_evaluations(merges: Sequence[str], merge_modes: Sequence[str], modes: 
 
 
 def build_plan(domain: str, tasks: Sequence[str], *, modes: Sequence[str] | None = None,
-               merges: Sequence[str] | None = None, merge_modes: Sequence[str] = ("standard",)) -> Plan:
-    """The sweep over ``tasks``: ``modes`` (default: every mode that trains) and ``merges`` (default: every
-    registered merge, applied to the task vectors of ``merge_modes``). Unknown names raise with the valid ones."""
+               merges: Sequence[str] | None = None, merge_modes: Sequence[str] = ("standard",),
+               protocols: Sequence[str] | None = None) -> Plan:
+    """The sweep over ``tasks``: ``modes`` (default: every mode that trains), each evaluated by ``protocols``
+    (default: all three), and ``merges`` (default: every registered merge, applied to the task vectors of
+    ``merge_modes``). Unknown names raise with the valid ones."""
     from talos.merges import MERGES
     from talos.modes import MODES, run_order
 
@@ -138,6 +140,10 @@ def build_plan(domain: str, tasks: Sequence[str], *, modes: Sequence[str] | None
         raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"the tasks must be a non-empty list without repeats, got {list(tasks)}")
+    protocols = list(PROTOCOL_SCRIPTS if protocols is None else protocols)
+    unknown = [p for p in protocols if p not in PROTOCOL_SCRIPTS]
+    if unknown or not protocols:
+        raise ValueError(f"unknown or no protocols {unknown}; valid: {', '.join(PROTOCOL_SCRIPTS)}")
     modes = dependency_order(run_order() if modes is None else modes)
     merges = list(dict.fromkeys(MERGES.names() if merges is None else merges))
     for name in merges:
@@ -148,7 +154,7 @@ def build_plan(domain: str, tasks: Sequence[str], *, modes: Sequence[str] | None
     for mode in modes:
         if MODES.get(mode).trains:
             steps += [Finetune(mode, task) for task in tasks]
-        steps += [Evaluate(protocol, mode) for protocol in PROTOCOL_SCRIPTS]
+        steps += [Evaluate(protocol, mode) for protocol in PROTOCOL_SCRIPTS if protocol in protocols]
     steps += merge_evaluations(merges, merge_modes, modes)
     steps.append(Report())
     return Plan(domain, tuple(tasks), tuple(modes), tuple(merges), tuple(merge_modes), tuple(steps))
@@ -362,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated fine-tuning modes (default: every registered mode that trains)")
     p.add_argument("--merges", help="comma-separated merges (default: every registered merge)")
     p.add_argument("--merge-modes", default="standard", help="comma-separated modes whose task vectors every merge combines (default: standard)")
+    p.add_argument("--protocols", help="comma-separated protocols of every mode (default: single_task, addition, "
+                                       "negation)")
     p.add_argument("--results", required=True, help="results.json every evaluation writes into")
     p.add_argument("--report", help="markdown report (default: RESULTS with .md)")
     p.add_argument("--fresh", action="store_true",
@@ -389,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tasks = _split_csv(a.tasks) if a.tasks is not None else suite_tasks(a.domain, a.suite)
         plan = build_plan(a.domain, tasks or [], modes=_split_csv(a.modes), merges=_split_csv(a.merges),
-                          merge_modes=_split_csv(a.merge_modes) or [])
+                          merge_modes=_split_csv(a.merge_modes) or [], protocols=_split_csv(a.protocols))
         cmds = commands(plan, common, a.results, a.report)
         if a.nproc_per_task < 1 or (a.ngpu is not None and a.ngpu < 0):
             raise ValueError("--nproc-per-task must be at least 1 and --ngpu at least 0")

@@ -87,6 +87,15 @@ def test_plan_rejects_bad_selections():
         build_plan("vision", ["A", "A"])
 
 
+def test_protocols_select_the_evaluations_of_every_mode():
+    plan = build_plan("vision", ["A", "B"], modes=["talos"], merges=["sum"], merge_modes=[],
+                      protocols=["single_task", "addition"])
+    assert plan.steps == (Finetune("talos", "A"), Finetune("talos", "B"), Evaluate("single_task", "talos"),
+                          Evaluate("addition", "talos"), Report())
+    with pytest.raises(ValueError, match="valid: single_task, addition, negation"):
+        build_plan("vision", ["A"], protocols=["sideways"])
+
+
 def test_suites_are_read_from_the_domains():
     from nlp.args import TASKS
     from vision.datasets import SUITES
