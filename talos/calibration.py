@@ -132,17 +132,21 @@ def keep_lowest(
     """
     dev = scores[names[0]].device
     flat = torch.cat([scores[n].to(dev, torch.float32).flatten() for n in names])  # (N,) float32
-    # dropped entries at +inf so they are never re-selected (in place: no second N-sized temporary)
-    flat.masked_fill_(~torch.cat([keep[n].to(dev).flatten() for n in names]), float("inf"))
-    if torch.isnan(flat).any():
+    kept = torch.cat([keep[n].to(dev).flatten() for n in names])  # (N,) bool
+    # the ranking runs over the kept entries only (dropped ones are never re-selected): (M,) float32, M <= N
+    alive = flat if bool(kept.all()) else flat[kept]
+    if torch.isnan(alive).any():
         raise RuntimeError("Fisher scores contain NaN; check the model and calibration data")
     new = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        thr = _kth_smallest(flat.cpu() if flat.device.type == "mps" else flat, k).to(dev)
+    if k >= alive.numel():
+        new = kept.clone()  # every kept entry stays (masks only shrink)
+    elif k > 0:
+        thr = _kth_smallest(alive.cpu() if alive.device.type == "mps" else alive, k).to(dev)
         new = flat < thr
+        new &= kept
         need = k - int(torch.count_nonzero(new))
-        if need > 0:  # deterministic tie-break: the first `need` entries equal to the threshold
-            ties = (flat == thr).nonzero().squeeze(1)[:need]
+        if need > 0:  # deterministic tie-break: the first `need` kept entries equal to the threshold
+            ties = ((flat == thr) & kept).nonzero().squeeze(1)[:need]
             new[ties] = True
     out, start = {}, 0
     for n in names:
@@ -259,7 +263,7 @@ def _round_scores(scorer: FisherScorer, batches: Iterable[Any], forward_fn: Forw
             scores, n_batches = scorer.score(
                 data, forward_fn, batch_generator=lambda b: torch.Generator().manual_seed(seed + b),
                 owns=lambda b: b % dist.world_size() == dist.rank(), totals=scorer.zeros(torch.float64),
-                progress=bar,
+                progress=bar, needed=keep,  # dropped entries are never re-selected: their scores are not needed
             )
         counts = torch.tensor([float(n_batches)], dtype=torch.float64, device=next(iter(scores.values())).device)
         dist.all_reduce_sum_(list(scores.values()) + [counts])

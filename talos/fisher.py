@@ -38,7 +38,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +65,19 @@ DEFAULT_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**25}
 # Per-example rules. Each returns the SUM over the batch of squared per-example gradients.
 # ----------------------------------------------------------------------------------------------------------
 class _Workspace:
-    """One reusable float32 buffer per device for per-example gradient blocks.
+    """One reusable float32 buffer per device for per-example gradient blocks, and what the caller needs.
 
     Fresh multi-megabyte temporaries per layer cost more than the matmuls that fill them on CPU (page faults),
-    so blocks of per-example gradients are written into this buffer instead.
+    so blocks of per-example gradients are written into this buffer instead. While a rule runs, :attr:`need`
+    maps its parameters (local attribute names) to the entries whose scores the caller needs (calibration's
+    entries still kept); a rule may leave the other entries at 0 (see :meth:`needed`).
     """
 
     def __init__(self, chunk_elements: int) -> None:
         self.chunk_elements = chunk_elements
         self._bufs: dict[torch.device, Tensor] = {}
+        self.need: Mapping[str, Tensor] | None = None
+        self._blocks: dict[tuple, list[tuple[Tensor, Tensor]] | None] = {}
 
     def get(self, numel: int, device: torch.device) -> Tensor:
         buf = self._bufs.get(device)
@@ -82,40 +86,72 @@ class _Workspace:
             self._bufs[device] = buf
         return buf
 
+    def needed(self, attr: str) -> Tensor | None:
+        """Bool mask (shaped like parameter ``attr``) of the entries whose scores are needed; None: all."""
+        return None if self.need is None else self.need.get(attr)
+
+    def need_blocks(self, need: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+        """:func:`_need_blocks` of ``need``, or None where computing every entry is cheaper; cached per pass
+        (a pass's masks do not change, and every batch asks again)."""
+        key = (need.data_ptr(), tuple(need.shape), tuple(need.stride()))
+        if key not in self._blocks:
+            blocks = None if bool(need.all()) else _need_blocks(need)
+            if blocks is not None and sum(r.numel() * c.numel() for r, c in blocks) > _NEED_COVER * need.numel():
+                blocks = None
+            self._blocks[key] = blocks
+        return self._blocks[key]
+
+    def new_pass(self) -> None:
+        """Forget the cached blocks (the next pass may need other entries)."""
+        self._blocks.clear()
+
 
 #: On CPU, per-example gradient blocks of at least this many elements are formed one example at a time.
 _CPU_PER_EXAMPLE_MIN = 2**16
 #: ... in blocks of output rows of about this many float32 elements (1 MiB: fits the per-core L2 cache)
 _CPU_ROW_BLOCK = 2**18
+#: Entries per block of output rows when only some entries are needed (rows sorted by how many they need).
+_NEED_BLOCK = 2**17
+#: ... used only when the blocks cover at most this fraction of the matrix (gathering rows and columns costs)
+_NEED_COVER = 0.7
 
 
-def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
+def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace, need: Tensor | None = None) -> Tensor:
     """sum_i (g_i^T a_i)^2 for g [B, T, O], a [B, T, I] -> [O, I] (float32).
 
     The squared per-example weight gradients of any linear map y = a W^T summed over the batch, without
     materialising more than ``ws``'s chunk of them at once. ``ws`` is the workspace a rule ``factory`` receives
-    (see :func:`register_per_example_rule`); rules for new linear-like layers build on this.
+    (see :func:`register_per_example_rule`); rules for new linear-like layers build on this. ``need`` (bool
+    [O, I], e.g. ``ws.needed("weight")``): only those entries are computed, the others are 0.
     """
+    g, a = g.float(), a.float()
+    blocks = None if need is None else ws.need_blocks(need)
+    if blocks is not None:
+        return _sq_outer_sum_needed(g, a, ws, need.shape, blocks)
+    return _sq_outer_sum_dense(g, a, ws)
+
+
+def _sq_outer_sum_dense(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
+    """:func:`sq_outer_sum` of every entry (float32 inputs)."""
     B, T, O = g.shape
     I = a.shape[-1]
-    g, a = g.float(), a.float()
     if T == 1:
         # a single position per example: (g_i a_i^T)^2 = g_i^2 (a_i^2)^T, so the sum is one matmul.
         return g[:, 0].square().T @ a[:, 0].square()
     out = torch.zeros(O, I, dtype=torch.float32, device=g.device)
-    gt = g.transpose(1, 2)  # (B, O, T)
+    gt = g.transpose(1, 2)  # (B, O, T), a view: BLAS reads the transposed operand in place
     if g.device.type == "cpu" and O * I >= _CPU_PER_EXAMPLE_MIN:
         # CPU, large blocks: one example at a time, squared and accumulated in one fused pass (addcmul_), over
         # blocks of output rows of about 1 MiB so that the accumulator block stays in cache across the examples
         # (about 1.5x faster than whole-matrix per-example blocks, which stream [O, I] through memory B times).
-        gt = gt.contiguous()
         rb = max(8, min(O, _CPU_ROW_BLOCK // I))
         pe = ws.get(rb * I, g.device)[: rb * I].view(rb, I)
+        gts, As = gt.unbind(0), a.unbind(0)
         for r0 in range(0, O, rb):
             ob = out[r0 : r0 + rb]
             p = pe[: ob.shape[0]]
-            for i in range(B):
-                torch.mm(gt[i, r0 : r0 + rb], a[i], out=p)  # rows r0.. of example i's gradient
+            for gi, ai in zip(gts, As):
+                torch.mm(gi[r0 : r0 + rb], ai, out=p)  # rows r0.. of example i's gradient, [rb, T] @ [T, I]
                 ob.addcmul_(p, p)
         return out
     step = max(1, min(B, ws.chunk_elements // max(1, O * I)))
@@ -124,6 +160,43 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace) -> Tensor:
         n = min(step, B - s)
         pe = torch.bmm(gt[s : s + n], a[s : s + n], out=buf[: n * O * I].view(n, O, I))  # per-example grads
         out += pe.square_().sum(0)
+    return out
+
+
+def _need_blocks(need: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Blocks ``(rows, cols)`` covering the True entries of ``need`` [O, I]: rows sorted by how many entries they
+    need, in blocks of about :data:`_NEED_BLOCK` entries, each with the union of its rows' needed columns.
+
+    Calibration's later rounds need only the entries still kept, which concentrate in some rows and columns (a
+    Fisher score is roughly a row scale times a column scale), so rows with alike counts share most columns.
+    """
+    counts = need.sum(1)
+    alive = int(torch.count_nonzero(counts))
+    rows = torch.argsort(counts, descending=True, stable=True)[:alive]
+    rb = max(8, _NEED_BLOCK // need.shape[1])
+    blocks = []
+    for r0 in range(0, alive, rb):
+        r = rows[r0 : r0 + rb]
+        blocks.append((r, need.index_select(0, r).any(0).nonzero().squeeze(1)))
+    return blocks
+
+
+def _sq_outer_sum_needed(g: Tensor, a: Tensor, ws: _Workspace, shape: torch.Size,
+                         blocks: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """:func:`sq_outer_sum` of the ``blocks`` of :func:`_need_blocks` only (every other entry 0)."""
+    I = shape[1]
+    out = torch.zeros(shape, dtype=torch.float32, device=g.device)
+    # rows and columns gathered from [B, O, T] / [B, I, T] copies: gathering along a last dim is slow
+    gt, at = g.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous()
+    for r, cols in blocks:
+        gb = gt.index_select(1, r)  # [B, rb, T]
+        ab = at.index_select(1, cols).transpose(1, 2) if cols.numel() < I else a  # [B, T, I']
+        acc = torch.zeros(r.numel(), cols.numel(), dtype=torch.float32, device=g.device)
+        p = ws.get(acc.numel(), g.device)[: acc.numel()].view_as(acc)
+        for gi, ai in zip(gb.unbind(0), ab.unbind(0)):
+            torch.mm(gi, ai, out=p)  # the block of example i's gradient
+            acc.addcmul_(p, p)
+        out.index_put_((r.unsqueeze(1), cols.unsqueeze(0)), acc)
     return out
 
 
@@ -136,7 +209,7 @@ def _linear_rule(ws: _Workspace) -> PerExampleRule:
     def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
         a, g3 = _as_btd(inputs[0]), _as_btd(g)
         # the bias entry is cheap, so always computed: MHA in-projection slices have no `bias` attribute
-        return {"weight": sq_outer_sum(g3, a, ws), "bias": g3.float().sum(1).square().sum(0)}
+        return {"weight": sq_outer_sum(g3, a, ws, ws.needed("weight")), "bias": g3.float().sum(1).square().sum(0)}
 
     return rule
 
@@ -148,7 +221,9 @@ def _conv2d_rule(ws: _Workspace) -> PerExampleRule:
         a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         a = a.transpose(1, 2)  # (B, L, Cin*kh*kw)
         g3 = g.flatten(2).transpose(1, 2)  # (B, L, Cout)
-        out = {"weight": sq_outer_sum(g3, a, ws).view_as(m.weight)}
+        need = ws.needed("weight")
+        need = None if need is None else need.reshape(need.shape[0], -1)  # [Cout, Cin*kh*kw], as unfolded
+        out = {"weight": sq_outer_sum(g3, a, ws, need).view_as(m.weight)}
         if m.bias is not None:
             out["bias"] = g3.float().sum(1).square().sum(0)
         return out
@@ -280,7 +355,9 @@ def _conv1d_rule(ws: _Workspace) -> PerExampleRule:
     def rule(m: nn.Module, inputs: Sequence[Any], g: Tensor) -> dict[str, Tensor]:
         a, g3 = _as_btd(inputs[0]), _as_btd(g)  # [B, T, in], [B, T, out]
         # sum_i (g_i^T a_i)^2 is [out, in]; the weight is stored [in, out]
-        return {"weight": sq_outer_sum(g3, a, ws).T.contiguous(), "bias": g3.float().sum(1).square().sum(0)}
+        need = ws.needed("weight")
+        return {"weight": sq_outer_sum(g3, a, ws, None if need is None else need.T).T.contiguous(),
+                "bias": g3.float().sum(1).square().sum(0)}
 
     return rule
 
@@ -726,6 +803,7 @@ class FisherScorer:
         totals: dict[str, Tensor] | None = None,
         progress: Any = None,
         report: dict[str, set[str]] | None = None,
+        needed: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], int]:
         """Score ``batches``; returns per-parameter sums (float32) and the number of batches scored.
 
@@ -733,8 +811,13 @@ class FisherScorer:
         ``generator``), ``owns(b)`` skips batches another rank scores, and ``totals`` (e.g. float64
         :meth:`zeros`) receives each batch's float32 scores once the batch is done, so the sum does not depend
         on how batches are split; it is then what is returned. ``progress.update(1)`` is called per batch.
-        ``report`` as in :func:`fisher_scores`.
+        ``report`` as in :func:`fisher_scores`. ``needed`` ({name: bool mask}, e.g. calibration's entries still
+        kept): only those entries' scores are wanted; layer rules may skip the others (left 0).
         """
+        # masks that leave something out (an all-True mask changes nothing)
+        needed = {n: m for n, m in (needed or {}).items() if not bool(m.all())}
+        dead = {n for n, m in needed.items() if not bool(m.any())}
+        self._ws.new_pass()
         scores = self.zeros()
         warned: set[str] = set()
         n_batches = 0
@@ -747,7 +830,7 @@ class FisherScorer:
             if totals is not None:
                 for v in scores.values():
                     v.zero_()
-            self._score_batch(batch, forward_fn, generator, scores, warned, report)
+            self._score_batch(batch, forward_fn, generator, scores, warned, report, (needed, dead))
             if totals is not None:
                 for n, v in scores.items():
                     totals[n] += v
@@ -756,7 +839,8 @@ class FisherScorer:
         return (totals if totals is not None else scores), n_batches
 
     def _score_batch(self, batch: Any, forward_fn: ForwardFn, generator: torch.Generator | None,
-                     scores: dict[str, Tensor], warned: set[str], report: dict[str, set[str]] | None) -> None:
+                     scores: dict[str, Tensor], warned: set[str], report: dict[str, set[str]] | None,
+                     needed: tuple[Mapping[str, Tensor], set[str]]) -> None:
         """One forward of ``batch`` and, per label draw, one backward; squared per-example grads into ``scores``.
 
         Every reference to the batch's graph and activations dies with this call (the captures hold layer
@@ -777,7 +861,7 @@ class FisherScorer:
             good, uses, direct, fallback = _triage(plan, rec, out.shape[0])
             _warn_fallback(fallback, warned, "")
             for d in range(self.draws):
-                more = _score_draw(plan, rec, obj[:, d], good, uses, direct, fallback, scores, ws)
+                more = _score_draw(plan, rec, obj[:, d], good, uses, direct, fallback, scores, ws, needed)
                 _warn_fallback(more, warned, "; a use of them was not seen")
                 if report is not None:
                     report.setdefault("fallback", set()).update(more)
@@ -837,9 +921,11 @@ def _triage(plan: _Plan, rec: _Recorder, B: int) -> tuple[list[_Capture], list, 
 
 
 def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], uses: list, direct: list[str],
-                fallback: list[str], scores: dict[str, Tensor], ws: _Workspace) -> set[str]:
+                fallback: list[str], scores: dict[str, Tensor], ws: _Workspace,
+                needed: tuple[Mapping[str, Tensor], set[str]] = ({}, set())) -> set[str]:
     """Add one draw's squared per-example gradients (s: [B] objectives) to ``scores``; returns the direct
-    names that failed their consistency check (scored by the per-example loop instead)."""
+    names that failed their consistency check (scored by the per-example loop instead). ``needed``: the
+    entries wanted per name, and the names of which no entry is; layer rules see the former as ``ws.need``."""
     B = s.shape[0]
     leaves = {n: plan.targets[n].leaf() for n in direct}
     wanted = [c.output for c in good] + [u.output for u in uses] + list(leaves.values())
@@ -851,7 +937,14 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
         if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
             g = g.movedim(1, 0)
             ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
-        contrib = c.rule(c.module, ins, g)
+        if all(n in needed[1] for n in c.names.values()):
+            continue  # nothing of this layer is needed (calibration: all its entries already dropped)
+        need = _capture_need(c, needed[0])
+        ws.need = need
+        try:
+            contrib = c.rule(c.module, ins, g)
+        finally:
+            ws.need = None
         for attr, name in c.names.items():
             if attr in contrib:
                 if c.rows is not None:
@@ -876,6 +969,14 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
         for i in range(B):  # exact but slow: one backward per example, only for these parameters
             _add_squared_grads(s[i], slow, slow_leaves, scores)
     return failed
+
+
+def _capture_need(c: _Capture, needed: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``{local attr: needed entries}`` of a capture's parameters (its rows, for an MHA in-projection slice)."""
+    if not needed:
+        return None
+    need = {attr: needed[n] if c.rows is None else needed[n][c.rows] for attr, n in c.names.items() if n in needed}
+    return need or None
 
 
 def _add_squared_grads(s: Tensor, names: Sequence[str], leaves: Sequence[Tensor], scores: dict[str, Tensor]) -> None:

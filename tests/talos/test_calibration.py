@@ -180,3 +180,38 @@ def test_zero_score_entries_act_like_an_unused_eligible_tensor():
     N = sum(m.numel() for m in plain.values())
     kept = lambda m: sum(int(x.sum()) for x in m.values())  # noqa: E731
     assert kept(counted) == kept_count(0.1, N + 37) - 37 != kept(plain)
+
+
+def test_skipping_dropped_entries_gives_the_masks_of_full_scoring(monkeypatch):
+    """Rounds after the first score only the entries still kept; the masks equal those of scoring everything."""
+    from torch import nn
+
+    import talos.fisher as fisher
+    from talos.fisher import FisherScorer
+
+    monkeypatch.setattr(fisher, "_NEED_BLOCK", 2**13)  # blocks of ~32 rows on these small matrices
+    calls = []
+    blocked = fisher._sq_outer_sum_needed
+    monkeypatch.setattr(fisher, "_sq_outer_sum_needed", lambda *a: calls.append(1) or blocked(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 320), nn.GELU(), nn.Linear(320, 288), nn.GELU(), nn.Linear(288, 7))
+    data = [torch.randn(6, 5, 256) for _ in range(2)]
+
+    def fwd(m, b):
+        return m(b).mean(1)
+
+    kw = dict(sparsity=0.95, rounds=4, progress=False)
+    skipped = calibrate_masks(model, data, fwd, generator=torch.Generator().manual_seed(0), **kw)
+    assert calls  # the later rounds took the blocked path
+    score = FisherScorer.score
+    monkeypatch.setattr(FisherScorer, "score", lambda self, *a, needed=None, **k: score(self, *a, **k))
+    full = calibrate_masks(model, data, fwd, generator=torch.Generator().manual_seed(0), **kw)
+    assert all(torch.equal(skipped[k], full[k]) for k in full)
+
+
+def test_keep_lowest_never_reselects_and_keeps_everything_when_k_covers_the_kept():
+    scores = {"a": torch.tensor([0.5, 0.1, 0.3, 0.2])}
+    keep = {"a": torch.tensor([True, False, True, True])}
+    assert keep_lowest(scores, keep, 2, ["a"])["a"].tolist() == [False, False, True, True]  # 0.1 is dropped
+    assert keep_lowest(scores, keep, 3, ["a"])["a"].tolist() == [True, False, True, True]
+    assert keep_lowest(scores, keep, 4, ["a"])["a"].tolist() == [True, False, True, True]  # k > kept: all kept

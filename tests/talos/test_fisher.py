@@ -297,3 +297,68 @@ def test_fisher_scorer_passes_split_over_ranks_sum_to_one_pass():
         for n in ref:
             ref[n] += one[n].double()
     assert_close_scores({n: t.float() for n, t in totals.items()}, {n: t.float() for n, t in ref.items()})
+
+
+def _staircase(O: int, I: int, density: float, seed: int) -> torch.Tensor:
+    """A kept-entries mask like calibration's: the entries whose rank-1 'score' row_o * col_j is lowest."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.rand(O, 1, generator=g) * torch.rand(1, I, generator=g)
+    return score <= score.flatten().kthvalue(max(1, int(density * O * I))).values
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_sq_outer_sum_computes_exactly_the_needed_entries(T, monkeypatch):
+    import talos.fisher as fisher
+    from talos.fisher import _Workspace, sq_outer_sum
+
+    monkeypatch.setattr(fisher, "_NEED_BLOCK", 2**13)  # blocks of ~32 rows on these small matrices
+    torch.manual_seed(0)
+    g, a = torch.randn(6, T, 300), torch.randn(6, T, 260)
+    ref = torch.einsum("bto,bti->boi", g, a).square().sum(0)  # independent: per-example grads, squared, summed
+    need = _staircase(300, 260, 0.1, seed=1)
+    ws = _Workspace(2**21)
+    assert ws.need_blocks(need) is not None  # the blocked path, not the whole matrix
+    got = sq_outer_sum(g, a, ws, need)
+    torch.testing.assert_close(got[need], ref[need], rtol=1e-5, atol=0)
+    assert torch.count_nonzero(got[~need]) < 0.5 * (~need).sum()  # most entries not needed were skipped
+    torch.testing.assert_close(sq_outer_sum(g, a, ws), ref, rtol=1e-5, atol=0)  # no mask: every entry
+
+
+def test_scorer_needed_entries_match_the_full_pass_and_dead_layers_are_skipped(monkeypatch):
+    """FisherScorer.score(needed=...): the needed entries equal the full pass's; a layer with nothing needed runs
+    no rule at all, and the blocked path is taken for mostly-dead weights."""
+    import talos.fisher as fisher
+
+    monkeypatch.setattr(fisher, "_NEED_BLOCK", 2**13)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 320), nn.GELU(), nn.Linear(320, 288), nn.GELU(), nn.Linear(288, 7))
+    x = torch.randn(6, 5, 256)
+
+    def fwd(m, b):
+        return m(b).mean(1)
+
+    scorer = fisher.FisherScorer(model)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with scorer.scoring():
+        full, _ = scorer.score([x], fwd, generator=gen())
+    needed = {"0.weight": _staircase(320, 256, 0.1, seed=2), "2.weight": torch.zeros(288, 320, dtype=torch.bool),
+              "2.bias": torch.zeros(288, dtype=torch.bool)}
+    calls = {"blocked": 0, "rules": 0}
+    blocked, outer = fisher._sq_outer_sum_needed, fisher.sq_outer_sum
+
+    def count(key, fn):
+        def wrapped(*args, **kw):
+            calls[key] += 1
+            return fn(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(fisher, "_sq_outer_sum_needed", count("blocked", blocked))
+    monkeypatch.setattr(fisher, "sq_outer_sum", count("rules", outer))  # called once per linear rule
+    scorer = fisher.FisherScorer(model)
+    with scorer.scoring():
+        part, _ = scorer.score([x], fwd, generator=gen(), needed=needed)
+    assert calls == {"blocked": 1, "rules": 2}  # layer 2 (nothing needed) skipped; layer 0 blocked
+    for n, v in full.items():
+        m = needed.get(n, torch.ones_like(v, dtype=torch.bool))
+        torch.testing.assert_close(part[n][m], v[m], rtol=1e-5, atol=0)
+    assert torch.count_nonzero(part["2.weight"]) == 0
