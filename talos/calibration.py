@@ -8,6 +8,10 @@ Algorithm (paper-notes §1.2). With target density d = 1 - sparsity and R rounds
 2. among the entries still kept, keep the ``floor(d**(r/R) * N)`` LOWEST scores globally over all eligible
    tensors (N = number of eligible entries); masks only shrink.
 
+Since dropped entries are never re-selected, rounds after the first score only what is still kept
+(``FisherScorer.score(needed=...)``): a layer whose entries are all dropped runs no per-example rule, and a
+mostly-dropped weight computes blocks of rows x needed columns only. The masks are those of scoring everything.
+
 The soft mask is applied with ``torch.nn.utils.parametrize`` and removed afterwards, so the model's weights
 are bitwise unchanged. The returned masks are True where the entry is trainable.
 """
