@@ -137,15 +137,20 @@ def keep_lowest(
     dev = scores[names[0]].device
     flat = torch.cat([scores[n].to(dev, torch.float32).flatten() for n in names])  # (N,) float32
     kept = torch.cat([keep[n].to(dev).flatten() for n in names])  # (N,) bool
-    # the ranking runs over the kept entries only (dropped ones are never re-selected): (M,) float32, M <= N
-    alive = flat if bool(kept.all()) else flat[kept]
+    # the ranking runs over the kept entries only (dropped ones are never re-selected): (M,) float32, M <= N;
+    # compacted when few are kept, else dropped ones are set to +inf in place (cheaper than compacting)
+    n_kept = int(torch.count_nonzero(kept))
+    if n_kept * 2 < flat.numel():
+        alive = flat[kept]
+    else:
+        alive = flat.masked_fill_(~kept, float("inf")) if n_kept < flat.numel() else flat
     if torch.isnan(alive).any():
         raise RuntimeError("Fisher scores contain NaN; check the model and calibration data")
     new = torch.zeros_like(flat, dtype=torch.bool)
-    if k >= alive.numel():
+    if k >= n_kept:
         new = kept.clone()  # every kept entry stays (masks only shrink)
     elif k > 0:
-        thr = _kth_smallest(alive.cpu() if alive.device.type == "mps" else alive, k).to(dev)
+        thr = _kth_smallest(alive.cpu() if alive.device.type == "mps" else alive, k).to(dev)  # finite: k < M
         new = flat < thr
         new &= kept
         need = k - int(torch.count_nonzero(new))
