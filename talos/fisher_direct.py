@@ -195,6 +195,8 @@ def _sdpa_mask_grads(use: _Use, g: Tensor, rows: slice) -> tuple[Tensor] | None:
             or q.dim() != 4 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or u.dim() > 4
             or not u.is_floating_point()):
         return None
+    if k.shape[-2] == 1:  # softmax over a single key is constant: the mask gets no gradient (T5 decoding 1 token)
+        return (torch.zeros(g.shape[0], *u.shape, dtype=u.dtype, device=u.device),)
     scale = opts.get("scale")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     p = torch.softmax(q @ k.transpose(-2, -1) * scale + u.float(), dim=-1)  # [n, H, L, S]
