@@ -931,7 +931,8 @@ def fisher_scores(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardF
             about this many floats plus the layer activations kept by the forward.
         report: if given, ``report["fallback"]`` receives the names scored by the slow per-example backward
             loop (empty when every parameter has a vectorised path) and ``report["direct"]`` those followed
-            through the operations that consume them (:mod:`talos.fisher_direct`).
+            through the operations that consume them (:mod:`talos.fisher_direct`), and ``report["tied"]`` the
+            word embeddings tied to an LM head among them, scored by :mod:`talos.fisher_tied`.
 
     Returns:
         ``{name: float32 tensor shaped like the parameter}`` on the parameter's device.
