@@ -201,6 +201,17 @@ def run_defaults(models: list[str], B: int, repeats: int, anchor_repeats: int) -
     return rows
 
 
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per model, the row of the run with the median fisher/plain ratio, with every run's ratios attached."""
+    out = []
+    for rows in zip(*runs):
+        by_ratio = sorted(rows, key=lambda r: r["fast_over_plain"])
+        out.append({**by_ratio[len(by_ratio) // 2], "runs": len(rows),
+                    "runs_fast_over_plain": [r["fast_over_plain"] for r in rows],
+                    "runs_anchor_over_fast": [r["anchor_over_fast"] for r in rows]})
+    return out
+
+
 def run(batch_sizes: list[int], repeats: int, anchor_repeats: int, image: int) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(image=image)
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS),
                    help="default-parameter rows (params=None)")
     p.add_argument("--default-batch", type=int, default=32)
+    p.add_argument("--runs", type=int, default=1,
+                   help="measure the default rows this many times; each reports the run with the median ratio")
     p.add_argument("--out", default="benchmarks/results/fisher_cpu.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -278,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--clock thread needs --threads 1 (other threads' time would not be counted)")
     CLOCK["fn"] = time.thread_time if args.clock == "thread" else time.perf_counter
     rows = run(args.batch_sizes, args.repeats, args.anchor_repeats, args.image_size) if args.batch_sizes else []
-    drows = run_defaults(args.models, args.default_batch, args.repeats, args.anchor_repeats)
+    runs = [run_defaults(args.models, args.default_batch, args.repeats, args.anchor_repeats) for _ in range(args.runs)]
+    drows = median_rows(runs) if args.runs > 1 else runs[0]
     result = {
         "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
         "machine": platform.machine(), "processor": platform.processor(), "rows": rows, "default_rows": drows,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fisher_direct import DirectTracker, direct_scores
+from .fisher_tied import TiedRecorder, TiedWeight, tied_weight
 
 logger = logging.getLogger("talos")
 
@@ -421,6 +422,7 @@ class _Plan:
     mha: dict[int, tuple[nn.Module, dict[str, str]]] = field(default_factory=dict)
     fallback: list[str] = field(default_factory=list)  # static fallback names
     direct: list[str] = field(default_factory=list)  # followed through the ops consuming them (fisher_direct)
+    tied: list[TiedWeight] = field(default_factory=list)  # embedding/LM-head tied weights (fisher_tied)
 
 
 def _mha_supported(m: nn.MultiheadAttention) -> bool:
@@ -477,7 +479,8 @@ def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan
         mod, attr = site.module, site.attr
         plan.targets[n] = site
         if len(mods) > 1:  # tied weight: per-example grads of both uses must be summed before squaring
-            plan.direct.append(n)
+            tied = tied_weight(n, site.leaf, mods)  # embeddings + LM head; anything else: followed
+            (plan.tied.append(tied) if tied is not None else plan.direct.append(n))
         elif isinstance(mod, nn.MultiheadAttention):
             if _mha_supported(mod) and attr in ("in_proj_weight", "in_proj_bias"):
                 plan.mha.setdefault(id(mod), (mod, {}))[1][attr] = n
@@ -522,6 +525,7 @@ class _Recorder:
         self.B: int | None = None  # batch size: dim 0 of the first tensor the model is called with
         self.tracker: DirectTracker | None = None
         self.followed: dict[int, list[str]] = {}  # ruled modules called without batch: names followed instead
+        self.tied: TiedRecorder | None = None
 
     def add(self, cap: _Capture) -> None:
         self.captures.append(cap)
@@ -678,6 +682,9 @@ def _recording(model: nn.Module, plan: _Plan, ws: _Workspace) -> Iterator[_Recor
             previous = mha.__dict__.get("forward")
             mha.forward = _mha_forward(mha, names, rec, ws, mha.forward)
             patched.append((mha, previous))
+        if plan.tied:
+            rec.tied = TiedRecorder(plan.tied, lambda: rec.active)
+            handles += rec.tied.install()
         yield rec
     finally:
         if rec.tracker is not None:
@@ -868,6 +875,9 @@ class FisherScorer:
             if report is not None:
                 report.setdefault("fallback", set()).update(fallback)
                 report.setdefault("direct", set()).update(direct)
+                if rec.tied is not None:  # tied weights count as followed; "tied" names those on fisher_tied
+                    report.setdefault("direct", set()).update(w.name for w in rec.tied.valid)
+                    report.setdefault("tied", set()).update(w.name for w in rec.tied.valid)
 
 
 def _warn_fallback(names: Iterable[str], warned: set[str], why: str) -> None:
@@ -912,6 +922,8 @@ def _triage(plan: _Plan, rec: _Recorder, B: int) -> tuple[list[_Capture], list, 
     elif direct:
         uses = tr.valid_uses()
         fallback += [n for n in direct if n in tr.broken]
+    if rec.tied is not None:
+        fallback += rec.tied.triage(B)
     fallback = list(dict.fromkeys(fallback))
     direct = [n for n in direct if n not in fallback]
     if tr is not None:
@@ -928,7 +940,8 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
     entries wanted per name, and the names of which no entry is; layer rules see the former as ``ws.need``."""
     B = s.shape[0]
     leaves = {n: plan.targets[n].leaf() for n in direct}
-    wanted = [c.output for c in good] + [u.output for u in uses] + list(leaves.values())
+    tied = rec.tied.wanted() if rec.tied is not None else []  # embedding/LM-head tied weights (fisher_tied)
+    wanted = [c.output for c in good] + [u.output for u in uses] + list(leaves.values()) + tied
     grads = torch.autograd.grad(s.sum(), wanted, retain_graph=True, allow_unused=True) if wanted else ()
     for c, g in zip(good, grads):
         if g is None:
@@ -954,7 +967,7 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
     failed: set[str] = set()
     if leaves:
         ug = {i: g for i, g in enumerate(grads[len(good) : len(good) + len(uses)]) if g is not None}
-        bg = dict(zip(leaves, grads[len(good) + len(uses) :]))
+        bg = dict(zip(leaves, grads[len(good) + len(uses) : len(good) + len(uses) + len(leaves)]))
         try:
             got, failed = direct_scores(rec.tracker, uses, ug, leaves, bg, ws.chunk_elements)
         except RuntimeError as e:  # an operation torch.func cannot replay per example
@@ -963,6 +976,8 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
         for n, v in got.items():
             if n not in failed:
                 scores[n] += v
+    if tied:
+        failed |= rec.tied.add_scores(list(grads[len(wanted) - len(tied) :]), scores, ws)
     slow = list(fallback) + sorted(failed)
     if slow:
         slow_leaves = [plan.targets[n].leaf() for n in slow]
@@ -1017,7 +1032,8 @@ def fisher_scores(model: nn.Module, batches: Iterable[Any], forward_fn: ForwardF
             about this many floats plus the layer activations kept by the forward.
         report: if given, ``report["fallback"]`` receives the names scored by the slow per-example backward
             loop (empty when every parameter has a vectorised path) and ``report["direct"]`` those followed
-            through the operations that consume them (:mod:`talos.fisher_direct`).
+            through the operations that consume them (:mod:`talos.fisher_direct`), and ``report["tied"]`` the
+            word embeddings tied to an LM head among them, scored by :mod:`talos.fisher_tied`.
 
     Returns:
         ``{name: float32 tensor shaped like the parameter}`` on the parameter's device.
