@@ -126,6 +126,13 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace, need: Tensor | None = Non
     [O, I], e.g. ``ws.needed("weight")``): only those entries are computed, the others are 0.
     """
     g, a = g.float(), a.float()
+    if g.shape[1] > 1:
+        # positions whose output gradient is 0 in every example add nothing (a causal LM's next-token score reads
+        # one position, a ViT's last block matters at its class token only): drop them before the matmuls
+        live = g.abs().amax(dim=(0, 2)) > 0  # [T]
+        if not bool(live.all()):
+            idx = live.nonzero().squeeze(1)
+            g, a = g.index_select(1, idx), a.index_select(1, idx)
     blocks = None if need is None else ws.need_blocks(need)
     if blocks is not None:
         return _sq_outer_sum_needed(g, a, ws, need.shape, blocks)

@@ -362,3 +362,23 @@ def test_scorer_needed_entries_match_the_full_pass_and_dead_layers_are_skipped(m
         m = needed.get(n, torch.ones_like(v, dtype=torch.bool))
         torch.testing.assert_close(part[n][m], v[m], rtol=1e-5, atol=0)
     assert torch.count_nonzero(part["2.weight"]) == 0
+
+
+def test_positions_no_example_reads_are_dropped_and_scores_stay_exact(monkeypatch):
+    """A next-token score reads one position: the head's per-example products run over that position only."""
+    import talos.fisher as fisher
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 9))
+    x = torch.randn(5, 7, 12)
+
+    def last(m, b):
+        return m(b)[:, -1]  # [B, 9] from position 6 of 7
+
+    seen = []
+    dense = fisher._sq_outer_sum_dense
+    monkeypatch.setattr(fisher, "_sq_outer_sum_dense", lambda g, a, ws: seen.append(g.shape[1]) or dense(g, a, ws))
+    ref = fisher_scores_reference(model, [x], last, generator=torch.Generator().manual_seed(2))
+    fast = fisher_scores(model, [x], last, generator=torch.Generator().manual_seed(2))
+    assert seen == [1, 1]  # both layers: only position 6 carries gradient
+    assert_close_scores(fast, ref, rtol=1e-5)
