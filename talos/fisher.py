@@ -129,7 +129,7 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace, need: Tensor | None = Non
     if g.shape[1] > 1:
         # positions whose output gradient is 0 in every example add nothing (a causal LM's next-token score reads
         # one position, a ViT's last block matters at its class token only): drop them before the matmuls
-        live = g.abs().amax(dim=(0, 2)) > 0  # [T]
+        live = (g.amax(dim=(0, 2)) != 0) | (g.amin(dim=(0, 2)) != 0)  # [T]; no |g| temporary
         if not bool(live.all()):
             idx = live.nonzero().squeeze(1)
             g, a = g.index_select(1, idx), a.index_select(1, idx)
