@@ -8,8 +8,8 @@ classes, so one checkpoint serves both worlds. The mixture is mostly domain imag
 40% scenes the tiny tower's features of the six disjoint tasks were entangled (fine-tuning ToyDice did not
 beat zero-shot, and one task's vector cut the others' accuracy to about half), so non-linear task addition
 could not beat zero-shot; with 10% it does (+3.5 points), at a price for the overlapping world (its
-zero-shot and fine-tuned accuracies fall; position stays at chance, as it was). Every step takes a batch from a seeded permutation of the
-pool and re-draws each caption. A scene's caption names each factor with probability ``--keep`` (attribute
+zero-shot and fine-tuned accuracies fall; position stays at chance, as it was). Every step takes a batch
+from a seeded permutation of the pool and re-draws each caption. A scene's caption names each factor with probability ``--keep`` (attribute
 dropout), so the text tower learns short phrases like the downstream templates, and no factor alone
 suffices to tell a batch's captions apart (with full captions the easy factors, colour and texture, do,
 and shape and position are never learned); a domain image's caption is one of its task's templates filled
