@@ -246,6 +246,20 @@ def test_checkpoint_size_and_sidecar():
     assert meta["train_cpu_seconds"] <= (900 if overloaded else 600)
 
 
+def test_checkpoint_sidecar_matches_the_pretrain_defaults():
+    """The committed checkpoint is what `python -m vision.demo.pretrain` makes with its defaults, so the
+    docstring's command reproduces it (a changed default must come with a re-trained checkpoint)."""
+    from vision.demo.pretrain import build_parser
+
+    meta = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    defaults = vars(build_parser().parse_args([]))
+    recorded = meta["settings"]
+    for key in ("out", "no_progress"):  # where it was written and whether a progress bar was shown
+        defaults.pop(key), recorded.pop(key)
+    assert recorded == defaults
+    assert recorded["scenes"] == 0.1  # mostly disjoint-world domains (issue 16)
+
+
 @pytest.fixture(scope="module")
 def toy_clip():
     from vision.models import load_clip
