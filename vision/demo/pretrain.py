@@ -235,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     res = pretrain(args)
     command = "python -m vision.demo.pretrain " + " ".join(shlex.quote(a) for a in argv)
-    meta = {"command": command.strip(), "seed": args.seed, "settings": vars(args), "model": MODEL,
+    settings = dict(vars(args))
+    root = Path(__file__).resolve().parents[2]  # the repository: record where it was written relative to it
+    if Path(settings["out"]).resolve().is_relative_to(root):
+        settings["out"] = str(Path(settings["out"]).resolve().relative_to(root))
+    meta = {"command": command.strip(), "seed": args.seed, "settings": settings, "model": MODEL,
             "pool_seconds": round(res["pool_seconds"], 1), "train_seconds": round(res["train_seconds"], 1),
             "train_cpu_seconds": round(res["train_cpu_seconds"], 1),
             "final_loss": float(np.mean(res["losses"][-50:])), "zeroshot_fresh_scenes": res["zeroshot"],
