@@ -126,9 +126,10 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace, need: Tensor | None = Non
     [O, I], e.g. ``ws.needed("weight")``): only those entries are computed, the others are 0.
     """
     g, a = g.float(), a.float()
-    if g.shape[1] > 1:
+    if g.shape[1] > 1 and not (bool(g[:, 0].any()) and bool(g[:, -1].any())):
         # positions whose output gradient is 0 in every example add nothing (a causal LM's next-token score reads
-        # one position, a ViT's last block matters at its class token only): drop them before the matmuls
+        # one position, a ViT's last block matters at its class token only): drop them before the matmuls. Looked
+        # for only when the first or the last position is such a one (a cheap test; either way exact)
         live = (g.amax(dim=(0, 2)) != 0) | (g.amin(dim=(0, 2)) != 0)  # [T]; no |g| temporary
         if not bool(live.all()):
             idx = live.nonzero().squeeze(1)
