@@ -7,24 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talos import fisher_scores
 from talos import fisher_direct as fd
 
-from .test_fisher import brute_force
+from .test_fisher_direct import _causal
+from .test_fisher_direct import _check as check_default_params
 
 
-def _check(model, batches, fwd, target="logit", draws=1, seed=0, rtol=1e-5):
-    """Default params: scores equal brute force to ``rtol`` (per tensor); returns fisher_scores' report."""
-    names = [n for n, _ in model.named_parameters()]
-    report: dict = {}
-    fast = fisher_scores(model, batches, fwd, target=target, draws=draws, report=report,
-                         generator=torch.Generator().manual_seed(seed))
-    ref = brute_force(model, batches, fwd, names, target, draws, seed=seed)
-    scale = max(float(r.abs().max()) for r in ref.values())
-    for n in names:  # per tensor, relative to its own scale (floor: a millionth of the largest score)
-        err = float((fast[n] - ref[n]).abs().max()) / max(float(ref[n].abs().max()), 1e-6 * scale)
-        assert err <= rtol, f"{n}: relative error {err:.2e}"
-    return report
+def _check(model, batches, fwd, target="logit", draws=1, seed=0):
+    """Default params: scores equal brute force to 1e-5 (per tensor); returns fisher_scores' report."""
+    return check_default_params(model, batches, fwd, target=target, draws=draws, seed=seed, rtol=1e-5)
 
 
 class TinyLM(nn.Module):
@@ -90,26 +81,9 @@ def test_embedding_subclass_is_followed_generically_and_exact():
     assert "emb.weight" in rep["direct"]
 
 
-def _lm(arch: str, **kw):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kw), attn_implementation="eager")
-
-    class Last(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, ids):
-            return self.lm(input_ids=ids).logits[:, -1]
-
-    return Last()
-
-
 def test_gpt2_tied_lm_head():
     pytest.importorskip("transformers")
-    model = _lm("gpt2", vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    model = _causal("gpt2", vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16)
     rep = _check(model, [torch.randint(0, 40, (4, 6)), torch.randint(0, 40, (3, 6))], lambda m, b: m(b),
                  target="log_prob")
     assert rep["fallback"] == set()
