@@ -134,7 +134,8 @@ def sq_outer_sum(g: Tensor, a: Tensor, ws: _Workspace, need: Tensor | None = Non
         if not bool(live.all()):
             idx = live.nonzero().squeeze(1)
             g, a = g.index_select(1, idx), a.index_select(1, idx)
-    blocks = None if need is None else ws.need_blocks(need)
+    # one position: the whole matrix is a single matmul (see _sq_outer_sum_dense), cheaper than any blocks
+    blocks = None if need is None or g.shape[1] == 1 else ws.need_blocks(need)
     if blocks is not None:
         return _sq_outer_sum_needed(g, a, ws, need.shape, blocks)
     return _sq_outer_sum_dense(g, a, ws)
@@ -488,7 +489,10 @@ def _build_plan(model: nn.Module, names: Sequence[str], ws: _Workspace) -> _Plan
         plan.targets[n] = site
         if len(mods) > 1:  # tied weight: per-example grads of both uses must be summed before squaring
             tied = tied_weight(n, site.leaf, mods)  # embeddings + LM head; anything else: followed
-            (plan.tied.append(tied) if tied is not None else plan.direct.append(n))
+            if tied is not None:
+                plan.tied.append(tied)
+            else:
+                plan.direct.append(n)
         elif isinstance(mod, nn.MultiheadAttention):
             if _mha_supported(mod) and attr in ("in_proj_weight", "in_proj_bias"):
                 plan.mha.setdefault(id(mod), (mod, {}))[1][attr] = n
