@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="measure the default rows this many times; each reports the run with the median ratio")
     p.add_argument("--out", default="benchmarks/results/fisher_cpu.json")
     args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error(f"--runs must be at least 1, got {args.runs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "thread" and torch.get_num_threads() != 1:
