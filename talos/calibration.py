@@ -12,7 +12,7 @@ Since dropped entries are never re-selected, rounds after the first score only w
 (``FisherScorer.score(needed=...)``): a layer whose entries are all dropped runs no per-example rule, and a
 mostly-dropped weight computes blocks of rows x needed columns only. The masks are those of scoring everything.
 
-The soft mask is applied with ``torch.nn.utils.parametrize`` and removed afterwards, so the model's weights
+The soft mask scales the weights in place and restores them from a copy afterwards, so the model's weights
 are bitwise unchanged. The returned masks are True where the entry is trainable.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .fisher import FisherScorer, ForwardFn, check_scoring_args, locate_params
 from . import distributed as dist
@@ -59,50 +58,36 @@ def kept_count(density: float, total: int) -> int:
     return max(0, min(total, int(math.floor(density * total + 1e-6))))
 
 
-class _SoftMask(nn.Module):
-    """Parametrization w -> w * scale, scale = 1 where kept and ``soft_mask`` where dropped."""
-
-    def __init__(self, scale: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale, persistent=False)
-
-    def forward(self, w: Tensor) -> Tensor:
-        return w * self.scale
-
-
 @contextmanager
 def soft_masked(model_or_scorer: nn.Module | FisherScorer, masks: Mapping[str, Tensor],
                 factor: float) -> Iterator[None]:
-    """Within the block, entries where ``masks`` is False are multiplied by ``factor`` in every forward.
+    """Within the block, entries where ``masks`` is False are multiplied by ``factor`` (every forward sees them so).
 
     ``model_or_scorer`` is an ``nn.Module`` (names resolved with ``named_parameters``) or a
-    :class:`~talos.fisher.FisherScorer` (its :attr:`~talos.fisher.FisherScorer.sites`, resolved before any
-    parametrization). Tensors whose mask is all True are left alone. Parametrizations are removed on exit,
-    restoring the original parameter objects (no weight is ever written).
+    :class:`~talos.fisher.FisherScorer` (its :attr:`~talos.fisher.FisherScorer.sites`). Tensors whose mask is
+    all True are left alone. The weights are scaled in place (``w * scale``, scale 1 where kept and ``factor``
+    where dropped: the same product a parametrization would compute in each forward) and restored bitwise from a
+    copy on exit, so each forward costs nothing extra: a parametrization would allocate and fill a fresh
+    soft-masked copy of every masked weight in every forward (an eligible-sized tensor per batch).
     """
     if isinstance(model_or_scorer, nn.Module):
         targets = locate_params(model_or_scorer, list(masks))
     else:
         targets = model_or_scorer.sites
-    done: list[tuple[nn.Module, str]] = []
-    order = {}  # removing a parametrization re-registers the parameter last; restore the original order
+    saved: list[tuple[Tensor, Tensor]] = []
     try:
-        for name, keep in masks.items():
-            if bool(keep.all()):
-                continue
-            t = targets[name]
-            w = t.module._parameters[t.attr]
-            scale = torch.where(keep.to(w.device), 1.0, float(factor)).to(w.dtype)
-            order.setdefault(id(t.module), (t.module, list(t.module._parameters)))
-            parametrize.register_parametrization(t.module, t.attr, _SoftMask(scale), unsafe=True)
-            done.append((t.module, t.attr))
+        with torch.no_grad():
+            for name, keep in masks.items():
+                if bool(keep.all()):
+                    continue
+                w = targets[name].leaf()
+                saved.append((w, w.detach().clone()))
+                w.mul_(torch.where(keep.to(w.device), 1.0, float(factor)).to(w.dtype))
         yield
     finally:
-        for mod, attr in reversed(done):
-            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
-        for mod, keys in order.values():
-            params = mod._parameters
-            mod._parameters = type(params)((k, params[k]) for k in keys)
+        with torch.no_grad():
+            for w, original in saved:
+                w.copy_(original)
 
 
 def _kth_smallest(flat: Tensor, k: int) -> Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 #: in-place operations replayable out of place (their gradient w.r.t. the added tensor ignores the target)
 _INPLACE_ADD = {"add_": "add", "sub_": "sub", "__iadd__": "__add__", "__isub__": "__sub__"}
+#: in-place Python operators (other dunders, ``__mul__``, ``__getitem__``, are out of place)
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and",
+                                             "or", "xor", "lshift", "rshift")}
 #: operations that may give a batch-free tensor its batch dim from a size argument
 _EXPANDING = {"expand", "broadcast_to", "repeat", "tile"}
 #: more batch-free tensors than this derived from one parameter means the batch was not found: give up on it
@@ -59,9 +62,35 @@ class _Use:
     arg_versions: list[tuple[Tensor, int]]
 
 
+#: the tracker following :class:`_Followed` tensors right now (one scoring forward at a time)
+_LIGHT: list[DirectTracker | None] = [None]
+
+
+class _Followed(Tensor):
+    """A batch-free tensor derived from a followed layer's output (an ``nn.Embedding`` of shared position ids).
+
+    Only operations taking such a tensor reach the tracker (through this class's ``__torch_function__``), so the
+    rest of the forward runs at full speed, unlike under the mode, which sees every operation of the forward
+    (T5: its relative position bias is followed through ~1,200 operations of the stacks otherwise).
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+            tracker = _LIGHT[0]
+            return out if tracker is None else tracker.observe_followed(func, args, kwargs, out)
+
+
 class DirectTracker(TorchFunctionMode):
     """Follows scored parameters through batch-free operations during one forward and records where they meet
-    the batch (see the module docstring). ``B`` is the batch size."""
+    the batch (see the module docstring). ``B`` is the batch size.
+
+    Two ways in: :meth:`add_root` + :meth:`start` (a mode that sees every operation: parameters used directly in
+    a parent's forward), or :meth:`follow_output` + :meth:`start_light` (a layer's batch-free output, as a
+    :class:`_Followed` tensor: only the operations on it are seen).
+    """
 
     def __init__(self, B: int) -> None:
         super().__init__()
@@ -83,10 +112,38 @@ class DirectTracker(TorchFunctionMode):
             self.__enter__()
             self.entered = True
 
+    def start_light(self) -> None:
+        """Follow :class:`_Followed` tensors (see :meth:`follow_output`) until :meth:`stop`."""
+        _LIGHT[0] = self
+
     def stop(self) -> None:
         if self.entered:
             self.__exit__(None, None, None)
             self.entered = False
+        if _LIGHT[0] is self:
+            _LIGHT[0] = None
+
+    def follow_output(self, out: Tensor, names: Iterable[str]) -> Tensor:
+        """``out`` (a batch-free layer output computed from parameters ``names``) as a followed tensor."""
+        return self._follow_as(out, frozenset(names))
+
+    def _follow_as(self, t: Tensor, names: frozenset[str]) -> Tensor:
+        w = t.as_subclass(_Followed)
+        self.tainted[id(w)] = (w, names)
+        return w
+
+    def observe_followed(self, func, args, kwargs, out):
+        """:meth:`_observe` an operation on :class:`_Followed` tensors; its batch-free outputs stay followed."""
+        self._observe(func, args, kwargs, out)
+
+        def wrap(o):
+            if isinstance(o, Tensor) and self._is_tainted(o):
+                return self._follow_as(o, self.tainted.pop(id(o))[1])
+            return o
+
+        if type(out) in (tuple, list):
+            return type(out)(wrap(o) for o in out)
+        return wrap(out)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -129,7 +186,7 @@ class DirectTracker(TorchFunctionMode):
         batched = o.dim() >= 1 and o.shape[0] == B and (batch_arg or (name in _EXPANDING and not tainted_b))
         if not batched:
             seq_first = any(x.dim() >= 2 and x.shape[1] == B and x.shape[0] not in (B, 1) for x in others)
-            if seq_first or name in _INPLACE_ADD or name.endswith("_"):
+            if seq_first or _inplace(name):
                 self.broken |= names  # a batch off dim 0, or a tainted tensor modified in place
                 return
             for t in outs:
@@ -139,7 +196,7 @@ class DirectTracker(TorchFunctionMode):
                 if self.count[n] > _MAX_TAINTED:
                     self.broken.add(n)
             return
-        inplace = name in _INPLACE_ADD or (name.endswith("_") and not name.startswith("__"))
+        inplace = _inplace(name)
         if len(outs) != 1 or (inplace and (name not in _INPLACE_ADD or 0 in hits)):
             self.broken |= names
             return
@@ -173,6 +230,11 @@ class DirectTracker(TorchFunctionMode):
             else:
                 good.append(u)
         return [u for u in good if not (self.names_of(u) & self.broken)]
+
+
+def _inplace(name: str) -> bool:
+    """Whether the operation named ``name`` writes into its first argument (``add_``, ``__iadd__``)."""
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
 
 
 def _sdpa_mask_grads(use: _Use, g: Tensor, rows: slice) -> tuple[Tensor] | None:

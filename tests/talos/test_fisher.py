@@ -217,12 +217,13 @@ def test_bad_inputs_raise():
 
 
 def test_large_cpu_blocks_take_the_per_example_path_and_are_exact():
-    # blocks of >= 2**16 elements use the one-example-at-a-time CPU path of sq_outer_sum
-    from talos.fisher import _CPU_PER_EXAMPLE_MIN
+    # blocks of >= _CPU_PER_EXAMPLE_MIN elements use the one-example-at-a-time CPU path of sq_outer_sum, in blocks
+    # of output rows (here 1100 rows: two full blocks and a partial one)
+    from talos.fisher import _CPU_PER_EXAMPLE_MIN, _CPU_ROW_BLOCK
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 320), nn.GELU(), nn.Linear(320, 7))
-    assert 256 * 320 >= _CPU_PER_EXAMPLE_MIN
+    model = nn.Sequential(nn.Linear(256, 1100), nn.GELU(), nn.Linear(1100, 7))
+    assert 256 * 1100 >= _CPU_PER_EXAMPLE_MIN and 2 < 1100 / (_CPU_ROW_BLOCK // 256) < 3
     x = torch.randn(6, 5, 256)  # 5 positions per example
 
     def fwd(m, b):

@@ -154,3 +154,39 @@ def test_gpt2_conv1d_without_nlp_and_talos_does_not_import_transformers():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+class SharedPositions(nn.Module):
+    """Token embeddings plus position embeddings of ids shared by the batch ([T] ids), reshaped batch-free
+    before meeting the batch; ``inplace`` modifies the followed tensor in place (not followable)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(7, 6)
+        self.out = nn.Linear(6, 3)
+        self.inplace = inplace
+
+    def forward(self, ids):  # (B, T)
+        p = self.pos(torch.arange(ids.shape[1]))  # (T, 6), batch-free
+        p = (p.unsqueeze(0) * 0.5)[:, :, :6]  # (1, T, 6): still batch-free
+        if self.inplace:
+            p.mul_(2.0)
+        return self.out(torch.tanh(self.tok(ids) + p)).mean(1)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_embedding_of_shared_ids_is_followed_without_the_mode(inplace, monkeypatch):
+    # no parameter is used directly in a parent's forward: only the followed layer's output is watched (a tensor
+    # subclass), never the whole forward (DirectTracker.start enters the mode); an in-place change of the followed
+    # tensor is seen and sends the parameter to the exact fallback
+    from talos import fisher_direct
+
+    entered = []
+    monkeypatch.setattr(fisher_direct.DirectTracker, "start", lambda self: entered.append(self))
+    torch.manual_seed(0)
+    rep = _check(SharedPositions(inplace), [torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (3, 5))],
+                 lambda m, b: m(b))
+    assert entered == [] and fisher_direct._LIGHT[0] is None
+    assert rep["fallback"] == ({"pos.weight"} if inplace else set())
+    assert ("pos.weight" in rep["direct"]) != inplace
