@@ -34,6 +34,7 @@ as batched and scored wrongly by its layer rule; [1, T] shared position ids are 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from contextlib import contextmanager
@@ -989,36 +990,26 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
     B = s.shape[0]
     leaves = {n: plan.targets[n].leaf() for n in direct}
     tied = rec.tied.wanted() if rec.tied is not None else []  # embedding/LM-head tied weights (fisher_tied)
-    wanted = [c.output for c in good] + [u.output for u in uses] + list(leaves.values()) + tied
-    # the graph is freed during this backward (its saved activations make room for the output gradients held
-    # here) unless something walks it again: a later draw, the per-example loop, the followed or tied chains
+    # the layer rules run inside the backward, as each layer's output gradient is formed (tensor hooks), so no
+    # more than a few output gradients are alive at once; the backward is asked only for the outputs of the
+    # lowest live layers, from which every other live layer's output is reached (_lowest)
+    live = [c for c in good if not all(n in needed[1] for n in c.names.values())]  # else nothing is needed
+    asked = _lowest(live) if sum(c.output.numel() for c in live) > _HOLD_GRADS_BELOW else live
+    wanted = [c.output for c in asked] + [u.output for u in uses] + list(leaves.values()) + tied
+    # the graph is freed during this backward unless something walks it again: a later draw, the per-example
+    # loop, the followed or tied chains
     keep_graph = not last or bool(fallback) or bool(leaves) or bool(tied)
-    grads = torch.autograd.grad(s.sum(), wanted, retain_graph=keep_graph, allow_unused=True) if wanted else ()
-    for c, g in zip(good, grads):
-        if g is None:
-            continue
-        ins = c.inputs
-        if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
-            g = g.movedim(1, 0)
-            ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
-        if all(n in needed[1] for n in c.names.values()):
-            continue  # nothing of this layer is needed (calibration: all its entries already dropped)
-        need = _capture_need(c, needed[0])
-        ws.need = need
-        try:
-            contrib = c.rule(c.module, ins, g)
-        finally:
-            ws.need = None
-        for attr, name in c.names.items():
-            if attr in contrib:
-                if c.rows is not None:
-                    scores[name][c.rows] += contrib[attr]
-                else:
-                    scores[name] += contrib[attr].view_as(scores[name])
+    handles = [c.output.register_hook(functools.partial(_apply_rule, c, B, scores, ws, needed[0])) for c in live]
+    try:
+        grads = torch.autograd.grad(s.sum(), wanted, retain_graph=keep_graph, allow_unused=True) if wanted else ()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = grads[len(asked) :]  # those of the uses, leaves and tied weights; the layers' were used by the hooks
     failed: set[str] = set()
     if leaves:
-        ug = {i: g for i, g in enumerate(grads[len(good) : len(good) + len(uses)]) if g is not None}
-        bg = dict(zip(leaves, grads[len(good) + len(uses) : len(good) + len(uses) + len(leaves)]))
+        ug = {i: g for i, g in enumerate(grads[: len(uses)]) if g is not None}
+        bg = dict(zip(leaves, grads[len(uses) : len(uses) + len(leaves)]))
         try:
             got, failed = direct_scores(rec.tracker, uses, ug, leaves, bg, ws.chunk_elements)
         except RuntimeError as e:  # an operation torch.func cannot replay per example
@@ -1028,13 +1019,57 @@ def _score_draw(plan: _Plan, rec: _Recorder, s: Tensor, good: list[_Capture], us
             if n not in failed:
                 scores[n] += v
     if tied:
-        failed |= rec.tied.add_scores(list(grads[len(wanted) - len(tied) :]), scores, ws)
+        failed |= rec.tied.add_scores(list(grads[len(uses) + len(leaves) :]), scores, ws)
     slow = list(fallback) + sorted(failed)
     if slow:
         slow_leaves = [plan.targets[n].leaf() for n in slow]
         for i in range(B):  # exact but slow: one backward per example, only for these parameters
             _add_squared_grads(s[i], slow, slow_leaves, scores)
     return failed
+
+
+#: captured layer outputs of at most this many elements in all: the backward returns every output gradient at
+#: once (finding the lowest layers costs a walk over the autograd graph, which small models do not repay)
+_HOLD_GRADS_BELOW = 2**22
+
+
+def _apply_rule(c: _Capture, B: int, scores: dict[str, Tensor], ws: _Workspace,
+                needed: Mapping[str, Tensor] | None, g: Tensor) -> None:
+    """A tensor hook on ``c.output``: its layer rule's squared per-example gradients (from the output gradient
+    ``g``) added to ``scores``; ``g`` itself passes on unchanged."""
+    ins = c.inputs
+    if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
+        g = g.movedim(1, 0)
+        ins = tuple(x.movedim(1, 0) if isinstance(x, Tensor) and x.dim() > 1 else x for x in ins)
+    ws.need = _capture_need(c, needed)
+    try:
+        contrib = c.rule(c.module, ins, g)
+    finally:
+        ws.need = None
+    for attr, name in c.names.items():
+        if attr in contrib:
+            if c.rows is not None:
+                scores[name][c.rows] += contrib[attr]
+            else:
+                scores[name] += contrib[attr].view_as(scores[name])
+
+
+def _lowest(caps: list[_Capture]) -> list[_Capture]:
+    """The captures below which (in the backward) no other capture lies: asking the backward for their outputs'
+    gradients runs the node of every capture (each has a path down to one of them)."""
+    nodes = {c.output.grad_fn for c in caps}
+    below: dict[Any, bool] = {}  # autograd node -> some capture node strictly below it
+    for start in nodes:
+        stack = [(start, False)]
+        while stack:  # iterative post-order walk (graphs are deep)
+            n, done = stack.pop()
+            kids = [f for f, _ in n.next_functions if f is not None]
+            if done:
+                below[n] = any(k in nodes or below[k] for k in kids)
+            elif n not in below:
+                stack.append((n, True))
+                stack += [(k, False) for k in kids if k not in below]
+    return [c for c in caps if not below[c.output.grad_fn]]
 
 
 def _capture_need(c: _Capture, needed: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:

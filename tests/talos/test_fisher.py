@@ -386,3 +386,28 @@ def test_positions_no_example_reads_are_dropped_and_scores_stay_exact(monkeypatc
     fast = fisher_scores(model, [x], last, generator=torch.Generator().manual_seed(2))
     assert seen == [1, 1]  # both layers: only position 6 carries gradient
     assert_close_scores(fast, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rules_run_inside_the_backward_asked_for_the_lowest_layers_only(case, monkeypatch):
+    # large captures (forced here): the backward returns only the lowest layers' output gradients, every layer's
+    # rule runs in a hook as its gradient forms; exact for 2 draws (the graph is kept for the second, then freed)
+    import talos.fisher as TF
+
+    monkeypatch.setattr(TF, "_HOLD_GRADS_BELOW", 0)
+    asked = []
+    real = TF._lowest
+
+    def spy(caps):
+        low = real(caps)
+        asked.append((len(caps), len(low)))
+        return low
+
+    monkeypatch.setattr(TF, "_lowest", spy)
+    torch.manual_seed(0)
+    cls, data = CASES[case]
+    model, batches = cls(), data()
+    names = [n for n, _ in model.named_parameters()]
+    fast = fisher_scores(model, batches, fwd, target="log_prob", draws=2, generator=torch.Generator().manual_seed(3))
+    assert_close_scores(fast, brute_force(model, batches, fwd, names, "log_prob", 2, seed=3))
+    assert asked and all(1 <= low < n for n, low in asked)

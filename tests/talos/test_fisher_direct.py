@@ -92,8 +92,13 @@ def test_llama_rms_norms_default_params():
     assert rep["fallback"] == set() and rep["direct"] == set()  # LlamaRMSNorm has a built-in rule
 
 
-def test_t5_tied_embeddings_and_relative_position_bias():
+@pytest.mark.parametrize("hold", [True, False])
+def test_t5_tied_embeddings_and_relative_position_bias(hold, monkeypatch):
+    # hold=False: layer rules run inside the backward, which is asked for the lowest layers only (the decoder's
+    # layers are not below the encoder's), as for large captures
     transformers = pytest.importorskip("transformers")
+    if not hold:
+        monkeypatch.setattr("talos.fisher._HOLD_GRADS_BELOW", 0)
     torch.manual_seed(0)
     cfg = transformers.T5Config(vocab_size=40, d_model=16, d_ff=24, d_kv=8, num_layers=2, num_heads=2,
                                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0)
