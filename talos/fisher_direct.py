@@ -10,7 +10,9 @@ network:
   that depend on it alone (views, casts, ``expand`` without batch, an ``nn.Embedding`` of shared ids: "tainted",
   batch-free tensors ``u``) up to the first operation whose output ``y`` carries the batch (dim 0 = B): that
   operation (``y = u + x``, ``y = u.expand(B, ...)``, ``y = x @ u``, ``scores += u``) is recorded with its
-  arguments;
+  arguments; when no parameter is used directly in a parent's forward, only a followed layer's output (an
+  embedding of shared ids) is watched, as a :class:`_Followed` tensor subclass, and the rest of the forward
+  runs unobserved;
 * the single backward of the scoring also returns ``g = d(sum_i s_i)/dy``, whose row ``i`` is ``d s_i / d y_i``
   (examples do not interact);
 * the recorded operation is replayed on one example at a time, vectorised with ``torch.func.vmap`` over
