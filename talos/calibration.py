@@ -61,7 +61,7 @@ def kept_count(density: float, total: int) -> int:
 @contextmanager
 def soft_masked(model_or_scorer: nn.Module | FisherScorer, masks: Mapping[str, Tensor],
                 factor: float) -> Iterator[None]:
-    """Within the block, entries where ``masks`` is False are multiplied by ``factor`` (every forward sees them so).
+    """Within the block, the entries where ``masks`` is False are multiplied by ``factor``.
 
     ``model_or_scorer`` is an ``nn.Module`` (names resolved with ``named_parameters``) or a
     :class:`~talos.fisher.FisherScorer` (its :attr:`~talos.fisher.FisherScorer.sites`). Tensors whose mask is

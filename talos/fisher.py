@@ -8,9 +8,12 @@ times. Here we use the structure of the layers instead:
 * one batched forward with hooks that keep each eligible layer's input ``a`` and output tensor;
 * one ``torch.autograd.grad(sum_i s_i, layer_outputs)``. Because examples do not interact (no batch norm),
   row ``i`` of each output gradient is exactly ``d s_i / d output_i``. Weight gradients are never formed:
-  autograd only walks the paths to the requested outputs;
-* per-example weight gradients are rebuilt from ``(a_i, g_i)`` layer by layer (``g_i^T a_i`` for a linear
-  layer) in chunks of examples, squared and summed. Same FLOPs as the weight-gradient part of one backward.
+  autograd only walks the paths to the requested outputs (for large models only the lowest layers' outputs
+  are requested, every other layer lies on a path to them);
+* inside that backward, a hook on each layer output rebuilds the per-example weight gradients from
+  ``(a_i, g_i)`` as ``g`` forms (``g_i^T a_i`` for a linear layer), in chunks of examples, squared and summed;
+  so the output gradients of all layers are never held at once. Same FLOPs as the weight-gradient part of one
+  backward.
 
 Parameters without a layer rule (used directly in a parent's ``forward``: class tokens, positional
 embeddings, projections, scales, gates; an embedding called with ids shared by the batch; a tied weight) are
@@ -1034,9 +1037,11 @@ _HOLD_GRADS_BELOW = 2**22
 
 
 def _apply_rule(c: _Capture, B: int, scores: dict[str, Tensor], ws: _Workspace,
-                needed: Mapping[str, Tensor] | None, g: Tensor) -> None:
+                needed: Mapping[str, Tensor] | None, g: Tensor | None) -> None:
     """A tensor hook on ``c.output``: its layer rule's squared per-example gradients (from the output gradient
     ``g``) added to ``scores``; ``g`` itself passes on unchanged."""
+    if g is None:  # no gradient reached this output
+        return
     ins = c.inputs
     if _batch_dim(c.output, B) == 1:  # sequence-first activations (T, B, D)
         g = g.movedim(1, 0)
