@@ -284,19 +284,26 @@ def run_job(job: dict) -> dict:
     return calibrate(bb, s, Path(job["workdir"]) if job.get("workdir") else None, job.get("masks", []))
 
 
+def run_fresh_process(module: str, job: dict, threads: int, what: str) -> dict:
+    """``python -m <module> --one JOB --out FILE`` in a fresh process (its own peak memory, allocator state and
+    caches), ``threads`` OpenMP/MKL threads (0: their default); returns the JSON it wrote."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", module, "--one", json.dumps(job), "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode or not out.exists():
+            raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
 def run_isolated(job: dict) -> dict:
     """``run_job`` in a fresh ``python -m benchmarks.efficiency --one`` process (its own peak memory)."""
     print(f"[{job['backbone']['domain']}] {job['backbone']['name']}: {job['kind']} {job.get('mode', '')}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if job["settings"]["threads"]:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(job["settings"]["threads"])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "benchmarks.efficiency", "--one", json.dumps(job), "--out", str(out)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode or not out.exists():
-            raise RuntimeError(f"{job['kind']} {job.get('mode', '')} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())
+    return run_fresh_process("benchmarks.efficiency", job, job["settings"]["threads"],
+                             f"{job['kind']} {job.get('mode', '')}")
 
 
 def run_pair(preset: str, pair: list[Backbone], s: Settings, modes: list[str], run: Callable[[dict], dict]) -> dict:
