@@ -5,11 +5,20 @@ unconditionally. NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is first imported.
+    # Imported after the process group exists (torch.func imports it through torch._dynamo, as the Fisher scorer
+    # does), those defaults hold the group for the life of the process: destroy_process_group() cannot free it,
+    # gloo's worker threads outlive the interpreter and abort the process at exit (SIGABRT). Imported now, the
+    # defaults are None.
+    import torch.distributed.nn.functional  # noqa: F401
 
 T = TypeVar("T")
 
@@ -35,7 +44,8 @@ def is_main() -> bool:
 def init_from_env(device: str | None = None) -> str:
     """Join the process group ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK); returns the device.
 
-    Without those variables (a plain run) nothing happens and ``device`` is returned unchanged.
+    The group is left (:func:`shutdown`) when the process exits. Without those variables (a plain run) nothing
+    happens and ``device`` is returned unchanged.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
         return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,10 +53,18 @@ def init_from_env(device: str | None = None) -> str:
     want_cuda = (device or "cuda").startswith("cuda") and torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        atexit.register(shutdown)  # left while the interpreter is whole, not torn down with it
     if want_cuda:
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu"
+
+
+def shutdown() -> None:
+    """Leave the process group (``destroy_process_group``); a no-op outside one. Runs at exit after
+    :func:`init_from_env`, so a script need not call it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

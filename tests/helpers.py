@@ -76,7 +76,6 @@ def _finetune_then_evaluate(rank: int, world: int, port: int, domain: str, argv:
     join_env(rank, world, port)
     importlib.import_module(f"{domain}.finetune").main(argv + ["--train-dataset", task])
     importlib.import_module(f"{domain}.eval_single_task").main(argv + ["--results-json", results])
-    torch.distributed.destroy_process_group()
 
 
 def distributed_run_matches_one_process(domain: str, model: str, argv: Callable[..., list[str]], task: str,

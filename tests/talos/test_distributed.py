@@ -1,7 +1,9 @@
 """torchrun-style multi-process runs on CPU (gloo, 2 processes): same masks, same weights, one artifact copy."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +42,6 @@ def _calibrate_worker(rank, world, port, out_dir):
     dist.init_from_env("cpu")
     masks = _calibrate(out_dir)
     torch.save(masks, os.path.join(out_dir, f"masks{rank}.pt"))
-    torch.distributed.destroy_process_group()
 
 
 class _Data(torch.utils.data.Dataset):
@@ -80,7 +81,6 @@ def _train_worker(rank, world, port, out_dir, mode_name):
     dist.init_from_env("cpu")
     sd = _train(mode_name, ckpt=os.path.join(out_dir, "ckpt.pt"))
     torch.save(sd, os.path.join(out_dir, f"{mode_name}{rank}.pt"))
-    torch.distributed.destroy_process_group()
 
 
 def test_distributed_calibration_gives_single_process_masks(tmp_path):
@@ -104,3 +104,35 @@ def test_distributed_training_matches_single_process(tmp_path, mode):
                 v, sd[k] = torch.cat([v[:16], v[32:]]), torch.cat([sd[k][:16], sd[k][32:]])
             torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-5)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")] == ["ckpt.pt"]  # one copy
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (its worker loops and TCP transport loop)."""
+    names = [(p / "comm").read_text().strip() for p in Path("/proc/self/task").iterdir()]
+    return [n for n in names if "gloo" in n]
+
+
+def _leave_at_exit_worker(rank, world, port, out_dir):
+    import atexit
+
+    from talos import distributed as dist
+
+    join_env(rank, world, port)
+    during = []
+    # registered first, so it runs last: after the handler init_from_env registers
+    atexit.register(lambda: Path(out_dir, f"exit{rank}.json").write_text(
+        json.dumps([torch.distributed.is_initialized(), during, _gloo_threads()])))
+    dist.init_from_env("cpu")
+    during += _gloo_threads()
+    x = torch.ones(3)
+    torch.func.vjp(torch.sin, x)[1](x)  # imports torch._dynamo, and with it torch.distributed.nn, inside the group
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_a_rank_leaves_its_group_at_exit_even_after_torch_func(tmp_path):
+    # a group outliving the interpreter (never destroyed, or pinned by an import-time default argument) has gloo
+    # threads that die with it, which now and then aborts the process at exit (SIGABRT)
+    spawn_ranks(_leave_at_exit_worker, str(tmp_path))
+    for r in range(2):
+        initialized, during, after = json.loads((tmp_path / f"exit{r}.json").read_text())
+        assert during and not initialized and not after
