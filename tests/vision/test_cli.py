@@ -203,7 +203,7 @@ def test_zeroshot_head_shape_and_norm():
     head = zeroshot_head(clip, tok, ["cat", "dog", "car"], ["a photo of a {}.", "a {}."])
     assert head.shape == (3, 32)
     norms = head.norm(dim=-1)
-    torch.testing.assert_close(norms, torch.full((3,), float(clip.logit_scale.exp())), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norms, torch.full((3,), float(clip.logit_scale.detach().exp())), rtol=1e-5, atol=1e-5)
     logits = ImageClassifier(clip.visual, head)(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 3)
 
