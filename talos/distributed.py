@@ -51,13 +51,12 @@ def init_from_env(device: str | None = None) -> str:
         return device or ("cuda" if torch.cuda.is_available() else "cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))
     want_cuda = (device or "cuda").startswith("cuda") and torch.cuda.is_available()
+    if want_cuda:
+        torch.cuda.set_device(local)  # before the group: NCCL then knows each rank's GPU instead of guessing it
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
         atexit.register(shutdown)  # left while the interpreter is whole, not torn down with it
-    if want_cuda:
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    return "cpu"
+    return f"cuda:{local}" if want_cuda else "cpu"
 
 
 def shutdown() -> None:

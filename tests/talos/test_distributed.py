@@ -136,3 +136,20 @@ def test_a_rank_leaves_its_group_at_exit_even_after_torch_func(tmp_path):
     for r in range(2):
         initialized, during, after = json.loads((tmp_path / f"exit{r}.json").read_text())
         assert during and not initialized and not after
+
+
+def test_init_from_env_binds_the_gpu_before_the_group_and_leaves_at_exit(monkeypatch):
+    from talos import distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist.atexit, "register", lambda fn: calls.append(("at_exit", fn.__name__)))
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}.items():  # rank 3: the second node's GPU 1
+        monkeypatch.setenv(name, value)
+    assert dist.init_from_env() == "cuda:1"
+    assert calls == [("set_device", 1), ("init", "nccl"), ("at_exit", "shutdown")]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a plain run: nothing joined, the device as asked
+    assert dist.init_from_env("cpu") == "cpu" and len(calls) == 3
