@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 SCALINGS = ("alpha_over_rank", "alpha")
 INITS = ("kaiming", "xavier")
+ATTACHED_AS = "lora_adapters"  # the submodule name of attached adapters in their model
 
 
 def _key(name: str) -> str:
@@ -113,6 +114,7 @@ class LoRAAdapters(nn.Module):
             self.slots[_key(n)] = _Slot(p.shape, targets[n] or [slice(None)], rank, scale, init, g, p.dtype,
                                         p.device)
         self._attached: list[tuple[nn.Module, str]] = []
+        self._owner: list[nn.Module] = []
 
     def delta(self) -> dict[str, Tensor]:
         """Merged updates ΔW by target parameter name (differentiable)."""
@@ -124,15 +126,25 @@ class LoRAAdapters(nn.Module):
 
     def attach(self, model: nn.Module, linearized: bool = False) -> None:
         """Install W -> W + ΔW on every target (parametrizations; the original tensors are untouched);
-        ΔW = ``lin_delta`` with ``linearized`` (L-LoRA), else ``delta``."""
+        ΔW = ``lin_delta`` with ``linearized`` (L-LoRA), else ``delta``.
+
+        The adapters also become the submodule ``ATTACHED_AS`` of ``model`` until :meth:`detach`, so the model
+        owns their parameters: DistributedDataParallel (torchrun) then all-reduces their gradients."""
+        if hasattr(model, ATTACHED_AS):
+            raise ValueError(f"the model already has a {ATTACHED_AS!r} attribute: LoRA adapters are attached once")
         for n in self.names:
             mod_name, _, attr = n.rpartition(".")
             mod = model.get_submodule(mod_name)
             parametrize.register_parametrization(mod, attr, _AddDelta(self.slots[_key(n)], linearized), unsafe=True)
             self._attached.append((mod, attr))
+        model.add_module(ATTACHED_AS, self)
+        self._owner = [model]  # a list: the model is not a submodule of its adapters
 
     def detach(self) -> None:
-        """Remove the parametrizations, restoring the original parameters."""
+        """Remove the parametrizations and the adapters' submodule, restoring the original model."""
         for mod, attr in reversed(self._attached):
             parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
         self._attached.clear()
+        for model in self._owner:
+            delattr(model, ATTACHED_AS)
+        self._owner = []

@@ -241,7 +241,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, total, cfg.schedule))
     ckpt = _Checkpointer(checkpoint_path, named_params, opt, sched, cfg)
     step = ckpt.restore(total)
-    runner = _wrap_ddp(model, device)
+    runner = _wrap_ddp(model, device, named_params)
     log = _StepLog(progress, total, step, on_log, cfg.log_every)
     model.train()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -382,10 +382,18 @@ def _save_checkpoint(ckpt: Path | None, step: int, named_params: Sequence[tuple[
     dist.barrier()
 
 
-def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """The module the loss is computed through: DistributedDataParallel under torchrun, else ``model`` itself."""
+def _wrap_ddp(model: nn.Module, device: torch.device, named_params: Sequence[tuple[str, Tensor]]) -> nn.Module:
+    """The module the loss is computed through: DistributedDataParallel under torchrun, else ``model`` itself.
+
+    DDP all-reduces the gradients of ``model``'s own parameters only: a trained tensor the model does not own
+    would silently differ between ranks, so that raises."""
     if dist.world_size() == 1:
         return model
+    owned = {id(p) for p in model.parameters()}
+    outside = [n for n, p in named_params if id(p) not in owned]
+    if outside:
+        raise ValueError(f"{len(outside)} trained tensor(s) are not parameters of the model, so DDP would not "
+                         f"synchronise them across ranks: {', '.join(outside[:5])}")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -63,7 +63,8 @@ def _train(mode_name, ckpt=None):
     model = _toy()
     eligible = [n for n, _ in model.named_parameters() if n != "pos"]
     ctx = ModeContext(model, eligible, dense=["pos"], forward_fn=lambda m, b: m(b),
-                      calibration_batches=_data, progress=False)
+                      calibration_batches=_data, progress=False,
+                      lora_targets=lambda m: {"attn.in_proj_weight": [slice(0, 16), slice(32, 48)]})  # q and v
     mode = get_mode(mode_name)
     state = mode.prepare(ctx, mode.masks(ctx))
     cfg = TrainConfig(steps=4, batch_size=16, accumulation=2, lr=1e-2, weight_decay=0.1, warmup=1,
@@ -91,7 +92,7 @@ def test_distributed_calibration_gives_single_process_masks(tmp_path):
         assert all(torch.equal(masks[k], single[k]) for k in single)
 
 
-@pytest.mark.parametrize("mode", ["standard", "talos"])
+@pytest.mark.parametrize("mode", ["standard", "talos", "lora", "llora"])  # lora: adapters outside the weights
 def test_distributed_training_matches_single_process(tmp_path, mode):
     single = _train(mode)
     spawn_ranks(_train_worker, str(tmp_path), mode)

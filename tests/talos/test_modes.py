@@ -50,7 +50,8 @@ def test_linearized_model_is_first_order_taylor():
 
 def _cleanup_leaves_the_base_untouched(state, model, before):
     state.cleanup()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], v) for k, v in after.items())
 
 
 @torch.no_grad()
@@ -78,6 +79,10 @@ def test_lora_is_a_noop_at_init_and_trains_only_adapters():
     state = get_mode("lora").prepare(ctx, None)
     torch.testing.assert_close(state.model(x), ref, rtol=0, atol=0)  # B = 0: exactly the base model
     assert all("lora" in n for n, _ in state.named_params)
+    owned = {id(p) for p in model.parameters()}  # the model owns the adapters: DDP all-reduces their gradients
+    assert all(id(p) in owned for _, p in state.named_params)
+    with pytest.raises(ValueError, match="attached once"):
+        LoRAAdapters(ToyViT(), _mha_targets(model)).attach(model)
     frozen = [p for n, p in model.named_parameters() if "slots" not in n]
     assert frozen and not any(p.requires_grad for p in frozen)
     opt = torch.optim.SGD([p for _, p in state.named_params], lr=0.5)

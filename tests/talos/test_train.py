@@ -115,3 +115,12 @@ def test_mode_registry():
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert abs(kept - int(0.1 * total)) <= 1
+
+
+def test_ddp_refuses_trained_tensors_the_model_does_not_own(monkeypatch):
+    from talos import train as train_module
+
+    model, stray = nn.Linear(2, 2), nn.Parameter(torch.zeros(2))
+    monkeypatch.setattr(train_module.dist, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="1 trained tensor.*not parameters of the model.*: stray"):
+        train_module._wrap_ddp(model, torch.device("cpu"), [("weight", model.weight), ("stray", stray)])
