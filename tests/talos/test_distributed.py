@@ -92,7 +92,7 @@ def test_distributed_calibration_gives_single_process_masks(tmp_path):
         assert all(torch.equal(masks[k], single[k]) for k in single)
 
 
-@pytest.mark.parametrize("mode", ["standard", "talos", "lora", "llora"])  # lora: adapters outside the weights
+@pytest.mark.parametrize("mode", ["standard", "talos", "linear", "lora", "llora"])
 def test_distributed_training_matches_single_process(tmp_path, mode):
     single = _train(mode)
     spawn_ranks(_train_worker, str(tmp_path), mode)
